@@ -1,0 +1,25 @@
+# The README's commands. Each target sets up .venv itself, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The embedded default: 4 ranks on CPU, the real digits data set, ~98% held-out accuracy.
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,81 @@
+"""Checkpoints: atomic writes by rank 0, safe loads, newest-valid discovery, keep the last K.
+
+A checkpoint is a plain dict of tensors and numbers, so it loads with `weights_only=True`
+(no arbitrary unpickling) and `map_location="cpu"` (never onto GPU 0 from every rank).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+log = logging.getLogger("distributed_step")
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batches_in_epoch", "global_batch_size")
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write to a temporary file, fsync, then rename: a crash leaves the old file or the new one,
+    never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint in the run directory, newest first."""
+    folder = checkpoint_dir(out)
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := _NAME.match(name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(state: dict, out: str, keep: int) -> str:
+    """Rank 0 only. Writes checkpoints/step_NNNNNNNN.pt, then deletes all but the newest `keep`."""
+    folder = checkpoint_dir(out)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{state['step']:08d}.pt")
+    save_atomic(state, path)
+    for _, old in list_checkpoints(out)[keep:]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load and check one checkpoint; raises ValueError when it is unreadable or incomplete."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zips and bad pickles raise many types
+        raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a distributed_step checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def find_newest_valid(out: str) -> str | None:
+    """Path of the newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
+    for _, path in list_checkpoints(out):
+        try:
+            load_checkpoint(path)
+            return path
+        except ValueError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None

@@ -1,0 +1,200 @@
+"""TrainConfig: every knob of a run, its default, and one line of help.
+
+The command line, the optional YAML file and the run directory's `config.yaml` are all views of
+this one dataclass. `validate()` runs before any collective, on every rank, and raises
+`ConfigError` naming the flag to change, so a bad run fails fast everywhere instead of leaving
+the other ranks waiting in a collective.
+
+This module imports no torch: `--help` and flag errors answer instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad flag, path or combination; the message names what to change."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    data: str = _opt("digits", "synthetic | digits | imagefolder:DIR | cifar10:DIR")
+    image_size: int = _opt(32, "side of the square input images, in pixels")
+    synthetic_samples: int = _opt(2048, "training samples of --data synthetic")
+    workers: int = _opt(-1, "DataLoader worker processes per rank (-1: 0 for in-memory data, else up to 4)")
+    # Length of the run
+    steps: int = _opt(0, "optimizer steps to run (0: use --epochs)")
+    epochs: int = _opt(8, "passes over the training set (ignored when --steps is given)")
+    global_batch_size: int = _opt(128, "images per optimizer step over all ranks (per rank = B / world size)")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step; gradients sync only on the last one")
+    seed: int = _opt(0, "seed of model init, data order and synthetic data")
+    # Optimizer and schedule
+    lr: float = _opt(0.05, "peak learning rate of SGD")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay (L2)")
+    nesterov: bool = _opt(False, "use Nesterov momentum")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", ("cosine", "step", "constant"))
+    warmup_steps: int = _opt(5, "steps of linear warmup from 0 to --lr")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    clip_grad: float = _opt(0.0, "clip the global gradient norm to this value (0: off)")
+    # Model
+    weights: str = _opt("none", "none | DEFAULT (torchvision cache, never downloaded) | PATH to a state dict")
+    small_input_stem: bool = _opt(False, "3x3 stride-1 stem without max-pool, for tiny images")
+    sync_bn: bool = _opt(False, "synchronize BatchNorm statistics across ranks (SyncBatchNorm)")
+    channels_last: bool = _opt(False, "channels_last memory format for model and inputs")
+    precision: str = _opt("fp32", "autocast precision (fp16 needs CUDA)", ("fp32", "bf16", "fp16"))
+    compile: bool = _opt(False, "torch.compile the model (opt-in; slow first steps)")
+    # Run directory, checkpoints, logging
+    out: str = _opt("runs/default", "run directory: config, metrics, checkpoints, model.pt, summary")
+    checkpoint_every: int = _opt(200, "save a full checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(3, "keep the newest K checkpoints")
+    resume: str = _opt("auto", "auto (newest valid checkpoint in --out) | never | PATH")
+    eval_every: int = _opt(0, "evaluate on the held-out set every N steps (0: only at the end)")
+    log_every: int = _opt(10, "log all-reduced metrics every N steps")
+    # Distributed
+    timeout_s: float = _opt(300.0, "timeout of rendezvous and of every collective, in seconds")
+    backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
+    socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
+    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB")
+    # Fault injection
+    fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)")
+
+    # --- checks -----------------------------------------------------------------------------
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Raise ConfigError naming the flag; checks that need no collective and no data."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        kind = self.data.split(":", 1)[0]
+        need(kind in ("synthetic", "digits", "imagefolder", "cifar10"),
+             f"--data {self.data!r}: expected synthetic, digits, imagefolder:DIR or cifar10:DIR")
+        if kind in ("imagefolder", "cifar10"):
+            need(":" in self.data and self.data.split(":", 1)[1] != "",
+                 f"--data {kind} needs a directory: --data {kind}:DIR")
+        need(self.image_size >= 8, f"--image-size {self.image_size}: must be at least 8")
+        need(self.synthetic_samples >= 1, "--synthetic-samples must be positive")
+        need(self.steps >= 0, f"--steps {self.steps}: must be >= 0")
+        need(self.steps > 0 or self.epochs > 0, "--epochs must be positive when --steps is 0")
+        need(self.global_batch_size > 0, "--global-batch-size must be positive")
+        need(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        need(self.global_batch_size % world_size == 0,
+             f"--global-batch-size {self.global_batch_size} is not divisible by the world size {world_size}")
+        per_rank = self.global_batch_size // world_size
+        need(per_rank % self.grad_accum == 0,
+             f"--grad-accum {self.grad_accum} does not divide the per-rank batch {per_rank} "
+             f"(--global-batch-size {self.global_batch_size} / world size {world_size})")
+        need(self.lr > 0, "--lr must be positive")
+        need(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        need(not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
+        need(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        for name in ("checkpoint_every", "eval_every", "fail_once_at_step", "workers"):
+            need(getattr(self, name) >= (-1 if name == "workers" else 0), f"--{_flag(name)} must be >= 0")
+        need(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        need(self.log_every >= 1, "--log-every must be at least 1")
+        need(self.timeout_s > 0, "--timeout-s must be positive")
+        need(self.bucket_cap_mb > 0, "--bucket-cap-mb must be positive")
+        if self.resume not in ("auto", "never"):
+            need(os.path.isfile(self.resume), f"--resume {self.resume}: no such checkpoint file")
+        if self.weights not in ("none", "DEFAULT"):
+            need(os.path.isfile(self.weights), f"--weights {self.weights}: no such file")
+        for name in ("schedule", "precision", "backend"):
+            choices = _field(name).metadata["choices"]
+            need(getattr(self, name) in choices, f"--{_flag(name)} {getattr(self, name)!r}: choose from {', '.join(choices)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints usage + error; on N ranks that is a wall. Print one line instead."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "distributed-step train") -> argparse.ArgumentParser:
+    parser = _OneLineErrors(prog=prog, description="Train a DDP ResNet-18 (run under torchrun for several ranks).",
+                            argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file with the same keys as the flags; flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + _flag(f.name), f.metadata
+        help_text = f"{meta['help']} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=None if meta["choices"] else kind.__name__.upper(),
+                                help=help_text)
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def _coerce(name: str, value: Any, path: str) -> Any:
+    """YAML reads `1e-3` as a string and `5` as an int where a float is due: cast to the field's type."""
+    kind = _field(name).type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        return {"int": int, "float": float, "str": str}[kind](value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--config {path}: {name}: expected {kind}, got {value!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < --config YAML < flags. Raises ConfigError; argparse exits 2 on unknown flags."""
+    args = vars(build_parser().parse_args(argv))
+    values = load_yaml(args.pop("config")) if "config" in args else {}
+    if "steps" in args and "epochs" in args:
+        raise ConfigError("give --steps or --epochs, not both")
+    values.update(args)
+    if "steps" in args:
+        values.setdefault("epochs", _field("epochs").default)
+    return TrainConfig(**values)
+
+
+def save_yaml(config: TrainConfig, path: str, extra: dict) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump({**config.to_dict(), **extra}, fh, sort_keys=False)

@@ -1,0 +1,163 @@
+"""Who am I, and the process group: the only module that creates or destroys one.
+
+Every launcher (torchrun, Ray Train, a Kubernetes pod running torchrun) hands us the same
+contract: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT. Ray Train
+creates the process group itself, so `setup()` adopts an existing group and `teardown()` only
+destroys a group that `setup()` created.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    owns_group: bool  # True when setup() created the group (so teardown() destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def read_world() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) from the launcher's environment."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    return rank, local_rank, world_size, local_world_size
+
+
+def choose_backend(requested: str, cuda: bool) -> str:
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise ConfigError("--backend nccl needs CUDA GPUs; use --backend gloo (or auto) on CPU")
+    return requested
+
+
+def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = "",
+          device: torch.device | None = None) -> DistEnv:
+    """Join (or adopt) the process group. Safe to call when a group exists already (Ray)."""
+    rank, local_rank, world_size, local_world_size = read_world()
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = device or _default_device(local_rank)
+        return DistEnv(rank, local_rank, world_size, local_world_size, device, dist.get_backend(), False)
+    device = device or _default_device(local_rank)
+    backend = choose_backend(backend, device.type == "cuda")
+    if socket_ifname:
+        # Gloo advertises the address the hostname resolves to; on many hosts that is 127.0.0.1,
+        # and the other nodes cannot reach it. Naming the interface fixes the advertised address.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", socket_ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", socket_ifname)
+    if world_size == 1:
+        return DistEnv(0, 0, 1, 1, device, backend, False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "
+            f"--timeout-s {timeout_s:g} ({str(exc).splitlines()[0][:200]})") from None
+    return DistEnv(rank, local_rank, world_size, local_world_size, device, backend, True)
+
+
+def _default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- small collectives the trainer needs; each is a no-op on one process ------------------------
+
+def all_reduce_(tensor: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers_(module: torch.nn.Module, env: DistEnv) -> None:
+    """Make every rank's BatchNorm statistics rank 0's.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, so after the last backward
+    each rank holds its own running statistics. Broadcasting rank 0's (rather than averaging)
+    changes nothing the next step would not overwrite anyway, which keeps resume bit-exact.
+    """
+    if env.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in order: equal digests mean identical replicas."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def hostname() -> str:
+    return socket.gethostname()
