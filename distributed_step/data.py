@@ -23,6 +23,13 @@ DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed whatever --se
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def sample_seed(*keys: int) -> int:
+    """A seed from several integers. torch's CPU generator (mt19937) keeps only 32 bits of a
+    seed, so `seed << 32 | index` would ignore the seed: mix everything into 32 bits instead.
+    (hash() of a tuple of ints is the same in every process; only str hashes are salted.)"""
+    return hash(keys) & 0xFFFF_FFFF
+
+
 class SyntheticImages(Dataset):
     """Gaussian images with uniform labels; sample i depends on (seed, i) alone."""
 
@@ -33,7 +40,7 @@ class SyntheticImages(Dataset):
         return self.length
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed((self.seed << 32) + self.first + i)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.first + i))
         image = torch.randn(3, self.image_size, self.image_size, generator=g)
         label = int(torch.randint(SYNTHETIC_CLASSES, (), generator=g))
         return image, label
@@ -70,7 +77,7 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             return self.base[i]
 
 

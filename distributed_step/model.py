@@ -11,15 +11,14 @@ from .config import ConfigError
 
 
 def build_model(num_classes: int, weights: str = "none", small_input_stem: bool = False,
-                sync_bn: bool = False, channels_last: bool = False) -> nn.Module:
+                channels_last: bool = False) -> nn.Module:
+    """SyncBatchNorm is a distribution concern: see syncbn.convert_sync_batchnorm."""
     model = _with_weights(weights, num_classes)
     if small_input_stem:
         # On 32 px inputs the 7x7/2 stem plus max-pool leaves a 1x1 map before the last stage;
         # the CIFAR-style 3x3/1 stem keeps 4x4. Pretrained conv1 weights do not carry over.
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -27,6 +27,7 @@ from .dist import (DistEnv, _default_device, all_gather_object, all_reduce_, bar
 from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
 from .model import build_model
 from .step import PhaseClock, train_step
+from .syncbn import convert_sync_batchnorm
 
 
 class TrainingError(RuntimeError):
@@ -115,8 +116,10 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.sync_bn,
-                               cfg.channels_last).to(env.device)
+        self.net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.channels_last)
+        if cfg.sync_bn:
+            self.net = convert_sync_batchnorm(self.net, env.device)
+        self.net = self.net.to(env.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, self.total_steps))

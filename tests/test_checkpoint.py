@@ -1,0 +1,48 @@
+"""Atomic saves, keep-last-K, and skipping a corrupt newest checkpoint."""
+import logging
+import shutil
+
+import pytest
+import torch
+
+from distributed_step import checkpoint as ckpt
+
+
+def state(step):
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "step": step,
+            "epoch": 0, "batches_in_epoch": step, "global_batch_size": 8}
+
+
+def test_keeps_the_newest_k_and_leaves_no_temp_files(tmp_path):
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(state(step), str(tmp_path), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000006.pt", "step_00000008.pt"]
+
+
+def test_corrupt_newest_is_skipped_with_a_warning(tmp_path, caplog):
+    for step in (2, 4):
+        ckpt.save_checkpoint(state(step), str(tmp_path), keep=3)
+    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a save cut short by a crash or a full disk
+    (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="distributed_step"):
+        chosen = ckpt.find_newest_valid(str(tmp_path))
+    assert chosen.endswith("step_00000002.pt")
+    assert sum("skipping checkpoint" in r.message for r in caplog.records) == 2
+    assert ckpt.load_checkpoint(chosen)["model"]["w"][0] == 2.0
+
+
+def test_incomplete_state_is_refused(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="missing optimizer"):
+        ckpt.load_checkpoint(str(path))
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({**state(1), "extra": shutil.Error("x")}, path)  # not plain data: needs full unpickling
+    with pytest.raises(ValueError, match="unreadable"):
+        ckpt.load_checkpoint(str(path))

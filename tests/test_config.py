@@ -1,0 +1,62 @@
+"""Flags, YAML and validation: fast, in-process (no torch needed)."""
+import pytest
+import yaml
+
+from distributed_step.config import ConfigError, TrainConfig, build_parser, parse_args
+
+
+def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"lr": "1e-3", "global-batch-size": 32, "sync_bn": True, "epochs": 3}))
+    cfg = parse_args(["--config", str(cfg_file), "--global-batch-size", "64"])
+    assert cfg.lr == pytest.approx(1e-3)      # YAML's "1e-3" string is cast to float
+    assert cfg.global_batch_size == 64        # the flag wins over the file
+    assert cfg.sync_bn is True and cfg.epochs == 3
+    assert cfg.momentum == 0.9                # untouched default
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
+    ({"sync_bn": "yes"}, "sync_bn: expected bool"),
+    ({"steps": "many"}, "steps: expected int"),
+])
+def test_bad_yaml_names_the_key(tmp_path, content, fragment):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError, match=fragment):
+        parse_args(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("overrides, world, flag", [
+    ({"global_batch_size": 15}, 2, "--global-batch-size 15 is not divisible by the world size 2"),
+    ({"global_batch_size": 16, "grad_accum": 3}, 2, "--grad-accum 3"),
+    ({"data": "mnist"}, 1, "--data 'mnist'"),
+    ({"data": "imagefolder"}, 1, "--data imagefolder needs a directory"),
+    ({"precision": "fp8"}, 1, "--precision 'fp8'"),
+    ({"resume": "/no/such.pt"}, 1, "--resume /no/such.pt"),
+    ({"weights": "/no/such.pt"}, 1, "--weights /no/such.pt"),
+    ({"momentum": 1.0}, 1, "--momentum"),
+])
+def test_validate_names_the_flag(overrides, world, flag):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**overrides).validate(world)
+    assert flag in str(err.value)
+
+
+def test_steps_and_epochs_together_is_an_error():
+    with pytest.raises(ConfigError, match="--steps or --epochs"):
+        parse_args(["--steps", "3", "--epochs", "2"])
+
+
+def test_unknown_flag_is_one_line_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--learning-rate", "0.1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--learning-rate" in err
+
+
+def test_every_field_has_a_flag_and_help():
+    help_text = build_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in help_text

@@ -1,0 +1,57 @@
+"""Data order, sharding and held-out splits, checked in-process (no process group needed)."""
+import torch
+
+from distributed_step.config import TrainConfig
+from distributed_step.data import (DIGITS_HELD_OUT, SYNTHETIC_HELD_OUT, ResumableSampler, SyntheticImages,
+                                   build_datasets, held_out_loader)
+
+
+def global_batches(dataset, world, batch, epoch, skip=0):
+    """The k-th global batch = the union of every rank's k-th batch."""
+    shards = []
+    for rank in range(world):
+        sampler = ResumableSampler(dataset, world, rank, seed=3, batch_per_rank=batch // world)
+        sampler.set_position(epoch, skip)
+        idx = list(sampler)
+        shards.append([idx[i:i + batch // world] for i in range(0, len(idx) - batch // world + 1, batch // world)])
+    return [sorted(sum((s[k] for s in shards), [])) for k in range(len(shards[0]))]
+
+
+def test_global_batch_is_the_same_whatever_the_world_size():
+    data = SyntheticImages(50, 8, seed=0)  # 50 is not a multiple of 4: drop_last must not skew
+    one, two, four = (global_batches(data, w, 8, epoch=0) for w in (1, 2, 4))
+    assert one == two == four and len(one) == 50 // 8
+
+
+def test_epochs_are_shuffled_differently_and_resume_skips_exactly():
+    data = SyntheticImages(48, 8, seed=0)
+    epoch0, epoch1 = global_batches(data, 2, 8, 0), global_batches(data, 2, 8, 1)
+    assert epoch0 != epoch1  # set_epoch reshuffles
+    assert global_batches(data, 2, 8, 1, skip=2) == epoch1[2:]  # mid-epoch resume position
+
+
+def test_synthetic_sample_depends_only_on_seed_and_index():
+    a, b = SyntheticImages(10, 16, seed=1), SyntheticImages(10, 16, seed=1)
+    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == b[7][1]
+    assert not torch.equal(a[7][0], SyntheticImages(10, 16, seed=2)[7][0])
+
+
+def test_held_out_shards_cover_every_sample_once():
+    sets = build_datasets(TrainConfig(data="synthetic", image_size=8))
+    assert SYNTHETIC_HELD_OUT % 2 == 1
+    seen = []
+    for rank in range(2):
+        for images, _ in held_out_loader(sets, 32, rank, 2, 0, False):
+            seen.extend(images[:, 0, 0, 0].tolist())
+    full = [float(sets.held_out[i][0][0, 0, 0]) for i in range(SYNTHETIC_HELD_OUT)]
+    assert sorted(seen) == sorted(full)
+
+
+def test_digits_is_real_and_split_is_fixed():
+    a = build_datasets(TrainConfig(data="digits", image_size=32, seed=0))
+    b = build_datasets(TrainConfig(data="digits", image_size=32, seed=9))
+    assert len(a.held_out) == DIGITS_HELD_OUT and len(a.train) == 1797 - DIGITS_HELD_OUT
+    image, label = a.train[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10
+    assert torch.equal(a.held_out[5][0], b.held_out[5][0])  # --seed does not move the split
+    assert sorted({int(a.train[i][1]) for i in range(len(a.train))}) == list(range(10))
