@@ -16,7 +16,8 @@ venv: $(STAMP)
 
 # The embedded default: 4 ranks on CPU, the real digits data set, ~98% held-out accuracy.
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
+	rm -rf runs/demo
+	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

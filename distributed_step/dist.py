@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -84,6 +85,13 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
         os.environ.setdefault("NCCL_SOCKET_IFNAME", socket_ifname)
     if world_size == 1:
         return DistEnv(0, 0, 1, 1, device, backend, False)
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and rank == 0):
+        # Restarted workers read the previous attempt's addresses from torchrun's shared store
+        # and hang in init_process_group until --timeout-s (pytorch/pytorch#135712).
+        print("distributed-step: warning: torchrun --max-restarts with a shared rendezvous store: "
+              "restarts may hang; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+              file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
@@ -150,10 +158,10 @@ def broadcast_buffers_(module: torch.nn.Module, env: DistEnv) -> None:
             dist.broadcast(buf, src=0)
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer, in order: equal digests mean identical replicas."""
+def state_digest(state: dict) -> str:
+    """sha256 of every tensor of a state dict, in order: equal digests mean identical replicas."""
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -64,6 +64,9 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # a second SIGTERM: stop waiting for the step to end
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -304,7 +307,7 @@ class _Run:
             summary.eval_loss, summary.eval_accuracy = result.get("eval_loss"), result.get("eval_accuracy")
             summary.eval_samples = result.get("eval_samples")
             broadcast_buffers_(self.net, env)
-            summary.replica_digests = all_gather_object(state_digest(self.net), env)
+            summary.replica_digests = all_gather_object(state_digest(self.net.state_dict()), env)
             if len(set(summary.replica_digests)) != 1:
                 raise TrainingError(f"replicas differ after step {self.step}: {summary.replica_digests}")
             if env.is_main:

@@ -15,13 +15,15 @@ BIN = Path(sys.executable).parent
 
 # Small and fast: 32 px images, 3 steps per epoch, a handful of steps.
 TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--global-batch-size", "16",
-        "--image-size", "32", "--lr", "0.05", "--warmup-steps", "0", "--log-every", "1"]
+        "--image-size", "32", "--warmup-steps", "0", "--log-every", "1"]
 
 
 def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE",
                                                                     "MASTER_", "TORCHELASTIC"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # torchrun's shared rendezvous store keeps the last attempt's gloo addresses, so restarted
+    # workers hang connecting to dead peers (pytorch/pytorch#135712): we document this setting.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
     return env
 
 
