@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = parse_args(rest)  # flag errors exit 2 here, before torch is even imported
-        from .train import TrainingError, train
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    from .train import TrainingError, train
 
+    try:
         train(config)
     except ConfigError as exc:
         return _fail(str(exc), 2)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,6 +96,9 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if not hosts_store:
+        _wait_for_port(addr, port, timeout_s)
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
@@ -104,6 +108,21 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
             f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "
             f"--timeout-s {timeout_s:g} ({str(exc).splitlines()[0][:200]})") from None
     return DistEnv(rank, local_rank, world_size, local_world_size, device, backend, True)
+
+
+def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:
+    """Wait for the rendezvous store to accept connections (pods start in any order), and fail
+    with one line, not a C++ stack trace per retry, when it never does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, int(port)), timeout=min(2.0, timeout_s)):
+                return
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline or isinstance(exc, ValueError):
+                raise ConfigError(f"no rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} within --timeout-s "
+                                  f"{timeout_s:g} ({exc}); check the address, the port and the firewall") from None
+            time.sleep(0.2)
 
 
 def _default_device(local_rank: int) -> torch.device:

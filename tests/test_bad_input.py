@@ -1,0 +1,68 @@
+"""Bad input fails fast, on every rank, with one line naming the flag or path; never a hang.
+
+All cases start at once (they are mostly waiting on imports) and are checked together.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, child_env, free_port, python_cmd, torchrun_cmd
+
+CASES = {
+    # name: (command, extra env, text every failing rank must print)
+    "batch_not_divisible": (torchrun_cmd(2, TINY + ["--global-batch-size", "15"]), {},
+                            "--global-batch-size 15 is not divisible by the world size 2"),
+    "missing_dataset": (python_cmd(["--data", "imagefolder:/nonexistent/imagenet"]), {},
+                        "directory /nonexistent/imagenet does not exist"),
+    "unknown_flag": (python_cmd(["--learning-rate", "0.1"]), {}, "unrecognized arguments: --learning-rate"),
+    "fp16_on_cpu": (python_cmd(TINY + ["--precision", "fp16"]), {}, "--precision fp16 needs CUDA"),
+    "unreachable_rendezvous": (python_cmd(TINY + ["--timeout-s", "3"]),
+                               {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "PORT"},
+                               "no rendezvous at MASTER_ADDR=127.0.0.1"),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    started, procs = time.time(), {}
+    for name, (cmd, env, _) in CASES.items():
+        env = {k: str(free_port()) if v == "PORT" else v for k, v in env.items()}
+        procs[name] = subprocess.Popen(cmd + ["--out", str(tmp_path_factory.mktemp(name))], cwd=ROOT,
+                                       env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=120)
+        results[name] = (proc.returncode, output, time.time() - started)
+    return results
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fails_fast_with_one_line_naming_the_problem(outcomes, name):
+    code, output, seconds = outcomes[name]
+    expected = CASES[name][2]
+    assert code != 0, output
+    assert seconds < 60, f"took {seconds:.0f} s"
+    ours = [line for line in output.splitlines() if "distributed-step" in line and "error" in line]
+    assert ours and all(expected in line for line in ours), output[-2000:]
+    if "torchrun" in CASES[name][0][0]:
+        assert {line.split("]")[0] for line in ours} == {"[rank 0", "[rank 1"}  # every rank says it
+    else:
+        assert "Traceback" not in output and len(ours) == 1, output[-2000:]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = subprocess.run(python_cmd(TINY + ["--lr", "1e12", "--steps", "6", "--checkpoint-every", "1",
+                                             "--out", str(out)]),
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "loss is not finite at step 2" in proc.stderr, proc.stderr[-2000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_00000001.pt"]  # the diverged state was never written
+    state = torch.load(out / "checkpoints" / names[0], map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (out / "model.pt").exists()
