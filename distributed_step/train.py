@@ -206,6 +206,7 @@ class _Run:
                     loss = train_step(self.model, self.optimizer, images, labels, self.loss_fn, clock,
                                       accum=cfg.grad_accum, precision=self.precision, scaler=self.scaler,
                                       clip_grad=cfg.clip_grad)
+                    self.lr_used = self.optimizer.param_groups[0]["lr"]
                     self.scheduler.step()
                     self.step += 1
                     # One small all-reduce per step: do all ranks agree to stop, is any loss bad?
@@ -255,7 +256,7 @@ class _Run:
         loss = meter.reduce(self.env)
         phases = {f"{name}_ms": round(ms / steps, 3) for name, ms in clock.read_ms().items()}
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss,
-                  "lr": self.scheduler.get_last_lr()[0],
+                  "lr": self.lr_used,  # the rate this step used (the scheduler already points at the next)
                   "images_per_s": round(self.cfg.global_batch_size * steps / seconds, 2),
                   "step_ms": round(1e3 * seconds / steps, 3), **phases}
         self.metrics.write(record)

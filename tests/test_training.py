@@ -123,7 +123,12 @@ def test_sigterm_stops_all_ranks_saves_and_resumes_exactly(runs, shared_tmp):
     assert (out / "checkpoints" / f"step_{stopped['steps']:08d}.pt").exists()
     assert not (out / "model.pt").exists()
 
-    run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out)]))
+    # A newer checkpoint cut short (a crash mid-write on a filesystem without atomic rename):
+    # the restart must skip it with a warning and use the preemption checkpoint.
+    saved = (out / "checkpoints" / f"step_{stopped['steps']:08d}.pt").read_bytes()
+    (out / "checkpoints" / f"step_{stopped['steps'] + 1:08d}.pt").write_bytes(saved[: len(saved) // 2])
+    rerun = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out)]))
+    assert "skipping checkpoint" in rerun.output
     finished = summary(out)
     assert finished["status"] == "complete" and finished["resumed_from"].endswith(f"step_{stopped['steps']:08d}.pt")
     reference, resumed = load_weights(runs.two / "model.pt"), load_weights(out / "model.pt")

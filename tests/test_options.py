@@ -1,0 +1,77 @@
+"""The other knobs, exercised together in one 2-rank run on an ImageFolder the test writes:
+bf16 autocast, channels_last, gradient accumulation (no_sync), clipping, label smoothing,
+Nesterov, the step schedule, periodic evaluation, and --weights PATH with a new head."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18
+
+from conftest import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
+from distributed_step.config import ConfigError, TrainConfig
+from distributed_step.data import build_datasets
+from distributed_step.dist import state_digest
+from distributed_step.model import build_model
+
+
+def make_image_folder(root, classes=3, per_class=12, size=40):
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class if split == "train" else 5):
+                pixels = (torch.rand(size, size, 3, generator=g) * 80 + 60 * c).clamp(0, 255).byte()
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_many_options_together_on_an_image_folder(tmp_path):
+    data = make_image_folder(tmp_path / "images")
+    weights = tmp_path / "imagenet_like.pt"
+    torch.save(resnet18(num_classes=1000).state_dict(), weights)
+    out = tmp_path / "run"
+    run_ok(torchrun_cmd(2, ["--data", f"imagefolder:{data}", "--image-size", "32", "--global-batch-size", "8",
+                            "--steps", "6", "--precision", "bf16", "--channels-last", "--grad-accum", "2",
+                            "--clip-grad", "1.0", "--label-smoothing", "0.1", "--nesterov", "--schedule", "step",
+                            "--warmup-steps", "0", "--lr", "0.01", "--weights", str(weights), "--eval-every", "2",
+                            "--log-every", "1", "--workers", "1", "--checkpoint-every", "0", "--out", str(out)]))
+    result = summary(out)
+    final = load_weights(out / "model.pt")
+    assert final["fc.weight"].shape == (3, 512)              # the 1000-class head was replaced
+    assert result["replica_digests"] == [state_digest(final)] * 2
+    assert result["eval_samples"] == 15
+    logged = metrics(out)
+    assert [m["step"] for m in logged if "eval_accuracy" in m] == [2, 4]
+    lrs = [m["lr"] for m in logged if "lr" in m]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0001)  # /10 at 1/3 and 2/3
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    cfg = TrainConfig(data=f"imagefolder:{data}", image_size=16)
+    a, b = build_datasets(cfg).train, build_datasets(cfg).train
+    assert torch.equal(a[1][0], b[1][0])
+    b.set_epoch(1)
+    assert not torch.equal(a[1][0], b[1][0])
+
+
+def test_default_weights_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="not in torchvision's cache"):
+        build_model(10, weights="DEFAULT")
+
+
+def test_cifar10_without_files_names_the_directory(tmp_path):
+    with pytest.raises(ConfigError, match=f"--data cifar10:{tmp_path}"):
+        build_datasets(TrainConfig(data=f"cifar10:{tmp_path}"))
+
+
+def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
+    """--compile (torch.compile, ~1 minute of compiling on 2 cores): model.pt keeps torchvision's keys."""
+    out = tmp_path / "compiled"
+    run_ok(python_cmd(TINY + ["--steps", "3", "--compile", "--checkpoint-every", "0", "--out", str(out)]), timeout=600)
+    assert summary(out)["steps"] == 3
+    plain = resnet18(num_classes=10)
+    plain.load_state_dict(load_weights(out / "model.pt"))  # no "_orig_mod." prefixes
