@@ -51,6 +51,9 @@ def save_checkpoint(state: dict, out: str, keep: int) -> str:
     """Rank 0 only. Writes checkpoints/step_NNNNNNNN.pt, then deletes all but the newest `keep`."""
     folder = checkpoint_dir(out)
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if ".pt.tmp." in name:  # left by a save that a crash cut short
+            os.remove(os.path.join(folder, name))
     path = os.path.join(folder, f"step_{state['step']:08d}.pt")
     save_atomic(state, path)
     for _, old in list_checkpoints(out)[keep:]:
@@ -70,12 +73,24 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def find_newest_valid(out: str) -> str | None:
-    """Path of the newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
-    for _, path in list_checkpoints(out):
+def find_newest_valid(out: str) -> tuple[int, str] | None:
+    """(step, path) of the newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
+    for step, path in list_checkpoints(out):
         try:
             load_checkpoint(path)
-            return path
+            return step, path
         except ValueError as exc:
             log.warning("skipping checkpoint: %s", exc)
     return None
+
+
+def set_aside_newer(out: str, step: int) -> list[str]:
+    """Rename checkpoints newer than the step a run starts from to *.stale (corrupt ones, or a
+    previous run's under --resume never): they would otherwise count towards --keep-checkpoints
+    and win the next --resume auto."""
+    moved = []
+    for found_step, path in list_checkpoints(out):
+        if found_step > step:
+            os.replace(path, path + ".stale")
+            moved.append(path)
+    return moved

@@ -163,6 +163,8 @@ def load_yaml(path: str) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name in RUN_FACTS:
+            continue  # a run directory's config.yaml can be fed back in as it is
         if name not in known:
             raise ConfigError(f"--config {path}: unknown key {key!r}")
         values[name] = _coerce(name, value, path)
@@ -190,9 +192,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if "steps" in args and "epochs" in args:
         raise ConfigError("give --steps or --epochs, not both")
     values.update(args)
-    if "steps" in args:
-        values.setdefault("epochs", _field("epochs").default)
+    if "epochs" in args:
+        values["steps"] = 0  # --epochs on the command line wins over a YAML `steps`
     return TrainConfig(**values)
+
+
+RUN_FACTS = ("world_size",)  # written next to the configuration, not part of it
 
 
 def save_yaml(config: TrainConfig, path: str, extra: dict) -> None:

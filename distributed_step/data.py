@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,9 @@ def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
         held = datasets.ImageFolder(val_dir, transform=val_tf) if os.path.isdir(val_dir) else None
     except (FileNotFoundError, RuntimeError) as exc:
         raise ConfigError(f"--data {cfg.data}: {exc}") from None
+    if held is not None and held.classes != train.classes:
+        # Each ImageFolder numbers its own folders: different class lists would shift labels.
+        raise ConfigError(f"--data {cfg.data}: val/ classes {held.classes} differ from train/ classes {train.classes}")
     return Datasets(SeededAugment(train, cfg.seed), held, len(train.classes), False)
 
 
@@ -185,11 +189,20 @@ def train_loader(sets: Datasets, cfg: TrainConfig, rank: int, world_size: int, w
                  pin: bool) -> DataLoader:
     per_rank = cfg.global_batch_size // world_size
     sampler = ResumableSampler(sets.train, world_size, rank, cfg.seed, per_rank)
-    if len(sampler) < per_rank:
-        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is larger than the training set "
-                          f"({len(sets.train)} samples over {world_size} ranks)")
     return DataLoader(sets.train, batch_size=per_rank, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=pin)
+                      num_workers=workers, pin_memory=pin, worker_init_fn=_ignore_sigterm)
+
+
+def check_batch_fits(sets: Datasets, cfg: TrainConfig) -> None:
+    if len(sets.train) < cfg.global_batch_size:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is larger than the training set "
+                          f"({len(sets.train)} samples)")
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """torchrun and Kubernetes signal the whole process group: loader workers must outlive the
+    SIGTERM so that the trainer can finish its step and save; they exit with the trainer."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def held_out_loader(sets: Datasets, batch_size: int, rank: int, world_size: int, workers: int,

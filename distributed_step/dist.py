@@ -95,7 +95,10 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
               file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: "
+                          "start the ranks with torchrun (or set both)")
     hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     if not hosts_store:
         _wait_for_port(addr, port, timeout_s)

@@ -82,7 +82,7 @@ class JsonlLog:
         self.path, self.enabled = path, env.is_main
         if self.enabled and os.path.exists(path):
             with open(path) as fh:
-                kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= resume_step]
             with open(path, "w") as fh:
                 fh.writelines(kept)
 
@@ -90,6 +90,14 @@ class JsonlLog:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line a crash left half written."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 class Throughput:

@@ -44,14 +44,16 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         if dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # statistics in fp32 under autocast, as torch's BatchNorm does
         dims, shape = (0, 2, 3), (1, -1, 1, 1)
-        local_count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        sums = total(torch.cat([x.sum(dims), local_count]))
+        # float64 keeps the element count exact past 2**24 (224 px x large batches) and the sums
+        # accurate; the all-reduce carries 2C+1 numbers, so the width costs nothing measurable.
+        local_count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        sums = total(torch.cat([x.sum(dims, dtype=torch.float64), local_count]))
         count = sums[-1].detach()
-        mean = sums[:-1] / count
+        mean = (sums[:-1] / count).to(x.dtype)
         centered = x - mean.view(shape)
         # Two passes (mean first, then squared deviations) match a single-process BatchNorm far
         # more closely than E[x^2] - E[x]^2, which cancels catastrophically in fp32.
-        var = total((centered * centered).sum(dims)) / count
+        var = (total((centered * centered).sum(dims, dtype=torch.float64)) / count).to(x.dtype)
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -60,7 +62,8 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * count / max(float(count) - 1, 1.0), factor)
+                n = float(count)
+                self.running_var.lerp_(var.detach() * (n / max(n - 1, 1.0)), factor)
         return out.to(dtype)
 
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, save_yaml
-from .data import build_datasets, held_out_loader, loader_workers, train_loader
+from .data import build_datasets, check_batch_fits, held_out_loader, loader_workers, train_loader
 from .dist import (DistEnv, _default_device, all_gather_object, all_reduce_, barrier, broadcast_buffers_,
                    broadcast_object, read_world, setup, state_digest, teardown)
 from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
@@ -78,17 +78,33 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     """Train on this process's rank. `device` overrides the default (Ray assigns one);
     `on_checkpoint(path, step)` is called on every rank after each checkpoint is on disk."""
     rank, local_rank, world_size, _ = read_world()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()  # the launcher (Ray) made the group
+    # Everything that can fail on bad input runs here, on every rank, before any collective.
     cfg.validate(world_size)
     device = device or _default_device(local_rank)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs CUDA (its GradScaler); use --precision bf16 or fp32 on CPU")
-    sets = build_datasets(cfg)  # a missing path fails here, on every rank, before any collective
+    _check_writable(cfg.out)
+    sets = build_datasets(cfg)
+    check_batch_fits(sets, cfg)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.channels_last)
     env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, device)
     setup_logging(env)
     try:
-        return _Run(cfg, env, sets, on_checkpoint).fit()
+        return _Run(cfg, env, sets, net, on_checkpoint).fit()
     finally:
         teardown(env)
+
+
+def _check_writable(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the run directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out}: the run directory is not writable")
 
 
 def _lr_factor(cfg: TrainConfig, total_steps: int):
@@ -105,7 +121,7 @@ def _lr_factor(cfg: TrainConfig, total_steps: int):
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, on_checkpoint):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, on_checkpoint):
         self.cfg, self.env, self.sets, self.on_checkpoint = cfg, env, sets, on_checkpoint
         self.started = time.perf_counter()
         pin = env.device.type == "cuda"
@@ -118,15 +134,14 @@ class _Run:
         self.precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.channels_last)
+        self.net = net
         if cfg.sync_bn:
             self.net = convert_sync_batchnorm(self.net, env.device)
         self.net = self.net.to(env.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, self.total_steps))
-        self.step, self.resumed_from = 0, None
+        self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
         self.model: nn.Module = self.net
@@ -147,22 +162,17 @@ class _Run:
 
     def _resume(self) -> None:
         cfg, env = self.cfg, self.env
-        if env.is_main:
-            os.makedirs(cfg.out, exist_ok=True)
-        path = None
-        if cfg.resume == "auto" and env.is_main:
-            path = ckpt.find_newest_valid(cfg.out)
-        elif cfg.resume not in ("auto", "never"):
-            path = cfg.resume
-        # Rank 0 chooses, so every rank loads the same file (the directory must be shared).
-        path = broadcast_object(path, env)
-        barrier(env)
+        # Rank 0 chooses and every rank loads that file (so --out must be shared storage); a bad
+        # choice is broadcast too, so every rank fails with the same message instead of waiting.
+        path, error = broadcast_object(self._choose_checkpoint() if env.is_main else None, env)
+        if error:
+            raise ConfigError(error)
         if path is None:
             return
         try:
             state = ckpt.load_checkpoint(path)
         except ValueError as exc:
-            raise ConfigError(f"--resume: {exc}") from None
+            raise ConfigError(f"--resume: {exc} (is --out on storage every node shares?)") from None
         if state["global_batch_size"] != cfg.global_batch_size:
             raise ConfigError(f"--global-batch-size {cfg.global_batch_size} differs from the checkpoint's "
                               f"{state['global_batch_size']} ({path}); the data position would not match")
@@ -173,10 +183,27 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        self.step, self.resumed_from = state["step"], path
+        self.step, self.resumed_from, self.saved_step = state["step"], path, state["step"]
+        self.last_loss = state.get("last_loss")
         log.info("resumed from %s at step %d (epoch %d, batch %d; saved by %d ranks, now %d)", path,
                  state["step"], state["epoch"], state["batches_in_epoch"], state.get("world_size", 0),
                  env.world_size)
+
+    def _choose_checkpoint(self) -> tuple[str | None, str | None]:
+        """(path to resume from, error); rank 0 only."""
+        cfg = self.cfg
+        if cfg.resume == "never":
+            path, step = None, 0
+        elif cfg.resume == "auto":
+            step, path = ckpt.find_newest_valid(cfg.out) or (0, None)
+        else:
+            try:
+                path, step = cfg.resume, ckpt.load_checkpoint(cfg.resume)["step"]
+            except ValueError as exc:
+                return None, f"--resume: {exc}"
+        for moved in ckpt.set_aside_newer(cfg.out, step):
+            log.warning("set aside %s: newer than step %d, where this run starts", moved, step)
+        return path, None
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Summary:
@@ -189,7 +216,7 @@ class _Run:
         clock, meter, throughput = PhaseClock(env.device), LossMeter(env.device), Throughput()
         bar = _progress(env, self.total_steps, self.step)
         # Window time counts training steps only (data, step, flags), not evaluation or saving.
-        window_seconds, window_steps, last_loss = 0.0, 0, None
+        window_seconds, window_steps = 0.0, 0
         stopping = False  # only ever set from the all-reduced flag, so every rank agrees
         with _StopRequest() as stop:
             while self.step < self.total_steps and not stopping:
@@ -215,13 +242,13 @@ class _Run:
                     if flags[1]:
                         raise TrainingError(f"loss is not finite at step {self.step} (lower --lr or set --clip-grad); "
                                             f"the last good checkpoint in {cfg.out} is kept")
-                    stopping = bool(flags[0])
+                    stopping = bool(flags[0]) and self.step < self.total_steps  # the last step just finishes
                     meter.update(loss)
                     step_seconds = time.perf_counter() - tick
                     window_steps, window_seconds = window_steps + 1, window_seconds + step_seconds
                     throughput.add(cfg.global_batch_size, step_seconds)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps or stopping:
-                        last_loss = self._log(meter, clock, window_steps, window_seconds, bar)
+                        self.last_loss = self._log(meter, clock, window_steps, window_seconds, bar)
                         window_seconds, window_steps = 0.0, 0
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                         self.metrics.write({"step": self.step, **self._evaluate()})
@@ -234,10 +261,10 @@ class _Run:
             bar.close()
         if stopping:
             log.info("stopped by SIGTERM at step %d; checkpoint saved; run again to resume", self.step)
-            return self._finish("preempted", last_loss, throughput, final=False)
-        if not ckpt.list_checkpoints(cfg.out) or ckpt.list_checkpoints(cfg.out)[0][0] != self.step:
+            return self._finish("preempted", throughput, final=False)
+        if self.saved_step != self.step:
             self._checkpoint()  # never lose a finished step
-        return self._finish("complete", last_loss, throughput, final=True)
+        return self._finish("complete", throughput, final=True)
 
     def _maybe_fail_once(self) -> None:
         """Fault injection: the highest rank dies abruptly before step K, once per run directory."""
@@ -279,6 +306,11 @@ class _Run:
         return result
 
     def _checkpoint(self) -> None:
+        # The loss check covers the forward; this covers the update after it. Replicas are
+        # identical, so every rank reaches the same verdict without a collective.
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+            raise TrainingError(f"weights are not finite after step {self.step} (lower --lr or set --clip-grad); "
+                                f"the last good checkpoint in {self.cfg.out} is kept")
         broadcast_buffers_(self.net, self.env)
         path = None
         if self.env.is_main:
@@ -290,19 +322,20 @@ class _Run:
                      "step": self.step, "epoch": epoch, "batches_in_epoch": done,
                      "global_batch_size": self.cfg.global_batch_size, "world_size": self.env.world_size,
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                     "config": self.cfg.to_dict()}
+                     "config": self.cfg.to_dict(), "last_loss": self.last_loss}
             path = ckpt.save_checkpoint(state, self.cfg.out, self.cfg.keep_checkpoints)
             log.info("saved %s in %.2f s", path, time.perf_counter() - began)
         # The others wait here, not in the next step's collective, where a slow save would
         # look like a hang and trip the collective timeout.
         path = broadcast_object(path, self.env)
+        self.saved_step = self.step
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, self.step)
 
-    def _finish(self, status: str, last_loss, throughput: Throughput, final: bool) -> Summary:
+    def _finish(self, status: str, throughput: Throughput, final: bool) -> Summary:
         cfg, env = self.cfg, self.env
         summary = Summary(status, env.world_size, self.step, round(self.step / self.steps_per_epoch, 3),
-                          last_loss, 0.0, throughput.images_per_s, self.resumed_from)
+                          self.last_loss, 0.0, throughput.images_per_s, self.resumed_from)
         if final:
             result = self._evaluate()
             summary.eval_loss, summary.eval_accuracy = result.get("eval_loss"), result.get("eval_accuracy")

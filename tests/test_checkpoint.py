@@ -28,8 +28,8 @@ def test_corrupt_newest_is_skipped_with_a_warning(tmp_path, caplog):
     newest.write_bytes(data[: len(data) // 2])  # a save cut short by a crash or a full disk
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING, logger="distributed_step"):
-        chosen = ckpt.find_newest_valid(str(tmp_path))
-    assert chosen.endswith("step_00000002.pt")
+        step, chosen = ckpt.find_newest_valid(str(tmp_path))
+    assert step == 2 and chosen.endswith("step_00000002.pt")
     assert sum("skipping checkpoint" in r.message for r in caplog.records) == 2
     assert ckpt.load_checkpoint(chosen)["model"]["w"][0] == 2.0
 
@@ -46,3 +46,14 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
     torch.save({**state(1), "extra": shutil.Error("x")}, path)  # not plain data: needs full unpickling
     with pytest.raises(ValueError, match="unreadable"):
         ckpt.load_checkpoint(str(path))
+
+
+def test_newer_checkpoints_are_set_aside_and_temp_files_cleaned(tmp_path):
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(state(step), str(tmp_path), keep=5)
+    (tmp_path / "checkpoints" / "step_00000008.pt.tmp.123").write_bytes(b"cut short")
+    moved = ckpt.set_aside_newer(str(tmp_path), 2)
+    assert sorted(moved) == [str(tmp_path / "checkpoints" / f"step_0000000{s}.pt") for s in (4, 6)]
+    ckpt.save_checkpoint(state(3), str(tmp_path), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000002.pt", "step_00000003.pt", "step_00000004.pt.stale", "step_00000006.pt.stale"]

@@ -60,3 +60,11 @@ def test_every_field_has_a_flag_and_help():
     help_text = build_parser().format_help()
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in help_text
+
+
+def test_epochs_flag_wins_over_yaml_steps_and_run_facts_are_ignored(tmp_path):
+    cfg_file = tmp_path / "config.yaml"  # as a run directory writes it
+    cfg_file.write_text(yaml.safe_dump({**TrainConfig(steps=100).to_dict(), "world_size": 4}))
+    assert parse_args(["--config", str(cfg_file)]).steps == 100
+    cfg = parse_args(["--config", str(cfg_file), "--epochs", "3"])
+    assert cfg.steps == 0 and cfg.epochs == 3

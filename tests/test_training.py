@@ -106,15 +106,18 @@ def test_held_out_evaluation_is_exact_across_world_sizes(runs, shared_tmp):
 
 def test_sigterm_stops_all_ranks_saves_and_resumes_exactly(runs, shared_tmp):
     out = shared_tmp / "preempted"
-    proc = subprocess.Popen(torchrun_cmd(2, REFERENCE + ["--out", str(out)]), env=child_env(),
+    # --workers 1: a loader process per rank, which the group-wide SIGTERM reaches too
+    flags = REFERENCE + ["--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(torchrun_cmd(2, flags), env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(m.get("step", 0) >= 2 for m in _safe_metrics(out)):
         time.sleep(0.05)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
-    # As Kubernetes does on preemption: SIGTERM to one worker is enough, the ranks agree.
-    subprocess.run(["kill", "-TERM", workers[0]], check=True)
+    # As torchrun does when it shuts down: SIGTERM to a worker's whole process group (its
+    # loader process included). One rank hearing it is enough: the ranks agree at the step end.
+    subprocess.run(["kill", "-TERM", "--", f"-{workers[0]}"], check=True)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     stopped = summary(out)
@@ -127,8 +130,8 @@ def test_sigterm_stops_all_ranks_saves_and_resumes_exactly(runs, shared_tmp):
     # the restart must skip it with a warning and use the preemption checkpoint.
     saved = (out / "checkpoints" / f"step_{stopped['steps']:08d}.pt").read_bytes()
     (out / "checkpoints" / f"step_{stopped['steps'] + 1:08d}.pt").write_bytes(saved[: len(saved) // 2])
-    rerun = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out)]))
-    assert "skipping checkpoint" in rerun.output
+    rerun = run_ok(torchrun_cmd(2, flags))
+    assert "skipping checkpoint" in rerun.output and "set aside" in rerun.output
     finished = summary(out)
     assert finished["status"] == "complete" and finished["resumed_from"].endswith(f"step_{stopped['steps']:08d}.pt")
     reference, resumed = load_weights(runs.two / "model.pt"), load_weights(out / "model.pt")
