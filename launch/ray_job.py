@@ -1,0 +1,160 @@
+"""Run distributed_step's training core on a Ray cluster with Ray Train (TorchTrainer, Train V2).
+
+    python launch/ray_job.py --num-workers 4 [train flags]          # starts or joins a local Ray
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python launch/ray_job.py --num-workers 4 --out /shared/runs/r1 [train flags]
+
+Ray places the workers, creates the process group (gloo, or nccl with GPUs), and restarts the
+workers after a failure (--max-failures). Each worker runs distributed_step.train unchanged;
+every checkpoint it writes is also reported to Ray, and a restarted worker group resumes from
+the last one Ray holds. This launcher is the only place in the project that imports ray.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+# `ray job submit --working-dir .` runs this file from an unpacked copy of the repository:
+# make the package importable there even when it is not installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distributed_step.config import ConfigError, parse_args  # noqa: E402  (no torch import)
+
+RAY_MISSING = 'Ray is not installed: pip install "distributed-step[ray]"'
+
+
+def launcher_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/ray_job.py", description="Train on a Ray cluster; every other flag goes to `train` "
+        "(see python -m distributed_step train --help).")
+    p.add_argument("--num-workers", type=int, default=2, help="training processes (ranks) (default: 2)")
+    p.add_argument("--use-gpu", choices=("auto", "yes", "no"), default="auto",
+                   help="one GPU per worker; auto: when the cluster has GPUs (default: auto)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="worker-group restarts Ray may make after a failure (default: 0)")
+    p.add_argument("--storage-path", default=None,
+                   help="where Ray persists checkpoints; absolute, on shared storage with several nodes "
+                        "(default: --out)")
+    p.add_argument("--name", default="ray", help="Ray Train run name under --storage-path (default: ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, a running local one, or start one)")
+    return p
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"ray_job: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """ray.init() retries an unreachable cluster for a long time: probe it first, with a deadline."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc})") from None
+
+
+def check_placement(args, resources: dict, alive_nodes: int, out: str, storage: str) -> bool:
+    """Fail before training when the cluster can never run the job; returns use_gpu."""
+    use_gpu = args.use_gpu == "yes" or (args.use_gpu == "auto" and resources.get("GPU", 0) > 0)
+    need_cpu, have_cpu = args.num_workers * args.cpus_per_worker, resources.get("CPU", 0)
+    if need_cpu > have_cpu:
+        raise ConfigError(f"--num-workers {args.num_workers} x --cpus-per-worker {args.cpus_per_worker:g} needs "
+                          f"{need_cpu:g} CPUs; the cluster has {have_cpu:g}")
+    if use_gpu and args.num_workers > resources.get("GPU", 0):
+        raise ConfigError(f"--num-workers {args.num_workers} with --use-gpu needs {args.num_workers} GPUs; "
+                          f"the cluster has {resources.get('GPU', 0):g}")
+    if alive_nodes > 1:
+        for flag, path in (("--out", out), ("--storage-path", storage)):
+            if not os.path.isabs(path):
+                raise ConfigError(f"{flag} {path}: a relative path means a different folder on each of the "
+                                  f"{alive_nodes} nodes; give an absolute path on shared storage")
+    return use_gpu
+
+
+def train_on_worker(config: dict) -> None:
+    """Runs in every Ray Train worker: the same core torchrun runs, with Ray's device."""
+    import shutil
+
+    import ray.train
+    import ray.train.torch
+
+    from distributed_step.config import TrainConfig
+    from distributed_step.train import train
+
+    cfg = TrainConfig(**config)
+    rank = ray.train.get_context().get_world_rank()
+
+    def report(path: str, step: int) -> None:
+        # Every worker must call report the same number of times; rank 0 attaches the file.
+        if rank != 0:
+            ray.train.report({"step": step})
+            return
+        folder = os.path.join(cfg.out, ".ray_report", f"step_{step:08d}")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy2(path, folder)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    device = ray.train.torch.get_device()  # never cuda:LOCAL_RANK: Ray decides which GPU is ours
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        train(cfg, device=device, on_checkpoint=report)
+        return
+    with restored.as_directory() as folder:
+        files = sorted(name for name in os.listdir(folder) if name.startswith("step_") and name.endswith(".pt"))
+        cfg.resume = os.path.join(folder, files[-1])
+        train(cfg, device=device, on_checkpoint=report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, train_argv = launcher_parser().parse_known_args(argv)
+    try:
+        cfg = parse_args(train_argv).validate(args.num_workers)
+    except ConfigError as exc:
+        return fail(str(exc))
+    try:
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        return fail(RAY_MISSING)
+    typed_out, typed_storage = cfg.out, args.storage_path or cfg.out  # as given, for the multi-node check
+    cfg.out = os.path.abspath(cfg.out)
+    storage = os.path.abspath(typed_storage)
+    try:
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        use_gpu = check_placement(args, ray.cluster_resources(), alive, typed_out, typed_storage)
+    except (ConfigError, ConnectionError) as exc:
+        return fail(str(exc))
+    trainer = TorchTrainer(
+        train_on_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.timeout_s)),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=RunConfig(name=args.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in its own types
+        return fail(f"training failed: {str(exc).strip().splitlines()[-1][:300]}", 1)
+    print(f"ray_job: done; run directory {cfg.out}; last Ray checkpoint {result.checkpoint}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Ray Train launcher on a real local Ray cluster (head with dashboard / job server).
+
+`ray job submit` runs launch/ray_job.py, which runs the same core through TorchTrainer; its
+result must equal torchrun's, a killed worker must resume exactly from the checkpoint Ray holds,
+and bad input must fail in bounded time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, TINY, child_env, free_port, load_weights, run, run_ok, summary, torchrun_cmd
+
+pytest.importorskip("ray", reason='Ray is not installed (pip install "distributed-step[ray]")')
+
+FLAGS = TINY + ["--steps", "6", "--checkpoint-every", "2", "--lr", "0.01"]
+LAUNCHER = str(ROOT / "launch" / "ray_job.py")
+
+
+def ray_env(**extra) -> dict:
+    # A local ray.init() would switch token auth on; the jobs CLI then needs the token too.
+    return child_env(RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}",
+                     RAY_USAGE_STATS_ENABLED="0", **extra)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dashboard = free_port(), free_port()
+    run_ok([str(BIN / "ray"), "start", "--head", "--num-cpus=4", f"--port={gcs}", f"--temp-dir={temp}",
+            "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+           timeout=180, env=ray_env())
+    try:
+        yield {"gcs": f"127.0.0.1:{gcs}", "jobs": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ray_env(), capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(cluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return run([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], "--working-dir", str(ROOT),
+                "--", "python", "launch/ray_job.py", *args], timeout=timeout, env=ray_env())
+
+
+@pytest.fixture(scope="module")
+def reference(shared_tmp):
+    out = shared_tmp / "ray_reference_torchrun"
+    run_ok(torchrun_cmd(2, FLAGS + ["--out", str(out)]))
+    return out
+
+
+def test_job_submit_equals_torchrun_and_resubmit_resumes(cluster, reference, shared_tmp):
+    out = shared_tmp / "ray_job"
+    proc = submit(cluster, "--num-workers", "2", *FLAGS, "--out", str(out))
+    assert proc.returncode == 0 and "succeeded" in proc.output, proc.output[-4000:]
+    ours, theirs = load_weights(out / "model.pt"), load_weights(reference / "model.pt")
+    largest = max(t.abs().max().item() for t in theirs.values() if t.is_floating_point())
+    worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs if theirs[k].is_floating_point())
+    assert worst <= 1e-6 * largest
+    for name in ("config.yaml", "metrics.jsonl", "model.pt", "summary.json", "checkpoints"):
+        assert (out / name).exists(), name
+    assert summary(out)["world_size"] == 2
+    assert len([p for p in (out / "ray").glob("checkpoint_*") if p.is_dir()]) == 3  # each one reported to Ray
+
+    again = submit(cluster, "--num-workers", "2", *FLAGS, "--out", str(out))
+    assert again.returncode == 0, again.output[-4000:]
+    assert summary(out)["resumed_from"] is not None and summary(out)["steps"] == 6
+
+
+def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, shared_tmp):
+    straight, crashed = shared_tmp / "ray_straight", shared_tmp / "ray_crashed"
+    common = ["--address", cluster["gcs"], "--num-workers", "2", *FLAGS]
+    run_ok([sys.executable, LAUNCHER, *common, "--out", str(straight)], timeout=400, env=ray_env())
+    proc = run_ok([sys.executable, LAUNCHER, *common, "--max-failures", "1", "--fail-once-at-step", "5",
+                   "--out", str(crashed)], timeout=400, env=ray_env())
+    assert "killing this rank now" in proc.output
+    resumed = summary(crashed)["resumed_from"]
+    # Ray's copy. Ray registers a checkpoint once it has collected every worker's report of that
+    # round; the killed worker's report of step 4 may not have been collected, so 2 or 4.
+    assert "/ray/checkpoint_" in resumed and resumed.endswith(("step_00000004.pt", "step_00000002.pt"))
+    a, b = load_weights(straight / "model.pt"), load_weights(crashed / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["--address", "127.0.0.1:PORT"], {}, "no Ray cluster answers there"),
+    (["--address", "GCS", "--num-workers", "8", "--cpus-per-worker", "1"], {}, "needs 8 CPUs; the cluster has 4"),
+    (["--num-workers", "2", "--global-batch-size", "15"], {}, "not divisible by the world size 2"),
+])
+def test_bad_input_fails_fast(cluster, tmp_path, args, env, expected):
+    args = [a.replace("PORT", str(free_port())).replace("GCS", cluster["gcs"]) for a in args]
+    proc = run([sys.executable, LAUNCHER, *TINY, *args, "--out", str(tmp_path)], timeout=90, env=ray_env(**env))
+    assert proc.returncode == 2 and expected in proc.stderr, proc.output[-3000:]
+
+
+def test_without_ray_the_error_says_what_to_install():
+    hide_ray = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['ray_job.py', '--data', 'synthetic'];"
+                f"runpy.run_path({LAUNCHER!r}, run_name='__main__')")
+    proc = run([sys.executable, "-c", hide_ray], timeout=60)
+    assert proc.returncode == 2 and 'pip install "distributed-step[ray]"' in proc.stderr
+
+
+def test_relative_paths_are_refused_on_several_nodes():
+    spec = importlib.util.spec_from_file_location("ray_job", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.launcher_parser().parse_args(["--num-workers", "2"])
+    with pytest.raises(module.ConfigError, match="--out runs/x: a relative path"):
+        module.check_placement(args, {"CPU": 8}, 2, "runs/x", "/shared/ray")
+    assert module.check_placement(args, {"CPU": 8}, 1, "runs/x", "runs/x") is False
