@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -56,10 +57,16 @@ def reference(shared_tmp):
     return out
 
 
-def test_job_submit_equals_torchrun_and_resubmit_resumes(cluster, reference, shared_tmp):
+@pytest.fixture(scope="module")
+def ray_job(cluster, shared_tmp):
     out = shared_tmp / "ray_job"
     proc = submit(cluster, "--num-workers", "2", *FLAGS, "--out", str(out))
     assert proc.returncode == 0 and "succeeded" in proc.output, proc.output[-4000:]
+    return out
+
+
+def test_job_submit_equals_torchrun_and_resubmit_resumes(cluster, reference, ray_job):
+    out = ray_job
     ours, theirs = load_weights(out / "model.pt"), load_weights(reference / "model.pt")
     largest = max(t.abs().max().item() for t in theirs.values() if t.is_floating_point())
     worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs if theirs[k].is_floating_point())
@@ -74,12 +81,30 @@ def test_job_submit_equals_torchrun_and_resubmit_resumes(cluster, reference, sha
     assert summary(out)["resumed_from"] is not None and summary(out)["steps"] == 6
 
 
-def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, shared_tmp):
-    straight, crashed = shared_tmp / "ray_straight", shared_tmp / "ray_crashed"
-    common = ["--address", cluster["gcs"], "--num-workers", "2", *FLAGS]
-    run_ok([sys.executable, LAUNCHER, *common, "--out", str(straight)], timeout=400, env=ray_env())
-    proc = run_ok([sys.executable, LAUNCHER, *common, "--max-failures", "1", "--fail-once-at-step", "5",
-                   "--out", str(crashed)], timeout=400, env=ray_env())
+def test_stopped_job_resubmitted_resumes(cluster, shared_tmp):
+    out = shared_tmp / "ray_stopped"
+    args = ["--num-workers", "2", *TINY, "--steps", "30", "--checkpoint-every", "2", "--out", str(out)]
+    run_ok([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], "--no-wait", "--submission-id",
+            "stop-me", "--working-dir", str(ROOT), "--", "python", "launch/ray_job.py", *args], env=ray_env())
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*.pt")):
+        time.sleep(0.5)
+    run_ok([str(BIN / "ray"), "job", "stop", "--address", cluster["jobs"], "stop-me"], env=ray_env())
+    stopped_at = max(int(p.stem.split("_")[1]) for p in (out / "checkpoints").glob("step_*.pt"))
+    assert 2 <= stopped_at < 30 and not (out / "model.pt").exists()
+
+    proc = submit(cluster, *args)
+    assert proc.returncode == 0, proc.output[-4000:]
+    result = summary(out)
+    assert result["status"] == "complete" and result["steps"] == 30 and result["resumed_from"] is not None
+    assert int(result["resumed_from"].rsplit("step_", 1)[1][:8]) >= 2  # not started over
+
+
+def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, ray_job, shared_tmp):
+    straight, crashed = ray_job, shared_tmp / "ray_crashed"  # the uninterrupted run: the submitted job
+    proc = run_ok([sys.executable, LAUNCHER, "--address", cluster["gcs"], "--num-workers", "2", *FLAGS,
+                   "--max-failures", "1", "--fail-once-at-step", "5", "--out", str(crashed)],
+                  timeout=400, env=ray_env())
     assert "killing this rank now" in proc.output
     resumed = summary(crashed)["resumed_from"]
     # Ray's copy. Ray registers a checkpoint once it has collected every worker's report of that
