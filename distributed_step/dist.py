@@ -187,7 +187,3 @@ def state_digest(state: dict) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -4,7 +4,6 @@ The reference runs are started once per module and shared by the assertions.
 """
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from types import SimpleNamespace
