@@ -142,6 +142,7 @@ class _Run:
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, self.total_steps))
         self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None
+        self.lr_used = cfg.lr * _lr_factor(cfg, self.total_steps)(0)
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
         self.model: nn.Module = self.net
@@ -340,7 +341,8 @@ class _Run:
             result = self._evaluate()
             summary.eval_loss, summary.eval_accuracy = result.get("eval_loss"), result.get("eval_accuracy")
             summary.eval_samples = result.get("eval_samples")
-            broadcast_buffers_(self.net, env)
+            # No broadcast here: the final checkpoint already gave every rank rank 0's buffers,
+            # so the digests check the replicas rather than paper over a difference.
             summary.replica_digests = all_gather_object(state_digest(self.net.state_dict()), env)
             if len(set(summary.replica_digests)) != 1:
                 raise TrainingError(f"replicas differ after step {self.step}: {summary.replica_digests}")
