@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = "usage: distributed-step {train} [flags]   (distributed-step train --help)"
+COMMANDS = ("train", "bench", "plot", "doctor")
+USAGE = "usage: distributed-step {train,bench,plot,doctor} [flags]   (distributed-step COMMAND --help)"
 
 
 def _fail(message: str, code: int) -> int:
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "train":
+    if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; {USAGE}", 2)
+    if command != "train":
+        return _tool(command, rest)
 
     from .config import ConfigError, parse_args
 
@@ -46,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     return 0
+
+
+def _tool(command: str, argv: list[str]) -> int:
+    from importlib import import_module
+
+    from .config import ConfigError
+
+    try:
+        return import_module(f".{command}", __package__).main(argv)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
 
 
 if __name__ == "__main__":

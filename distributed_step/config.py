@@ -67,6 +67,13 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
     socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB")
+    static_graph: bool = _opt(False, "tell DDP the graph is the same every step (skips its per-step search)")
+    bucket_view: bool = _opt(False, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
+    threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node)")
+    comm_hook: str = _opt("none", "gradient compression: none is exact; bf16, fp16 and powersgd change "
+                          "the math (fewer bytes sent, a slightly different update)",
+                          ("none", "bf16", "fp16", "powersgd"))
+    powersgd_rank: int = _opt(4, "rank of PowerSGD's low-rank gradient approximation (--comm-hook powersgd)")
     # Fault injection
     fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)")
 
@@ -108,11 +115,13 @@ class TrainConfig:
         need(self.log_every >= 1, "--log-every must be at least 1")
         need(self.timeout_s > 0, "--timeout-s must be positive")
         need(self.bucket_cap_mb > 0, "--bucket-cap-mb must be positive")
+        need(self.threads >= 0, "--threads must be >= 0 (0: automatic)")
+        need(self.powersgd_rank >= 1, "--powersgd-rank must be at least 1")
         if self.resume not in ("auto", "never"):
             need(os.path.isfile(self.resume), f"--resume {self.resume}: no such checkpoint file")
         if self.weights not in ("none", "DEFAULT"):
             need(os.path.isfile(self.weights), f"--weights {self.weights}: no such file")
-        for name in ("schedule", "precision", "backend"):
+        for name in ("schedule", "precision", "backend", "comm_hook"):
             choices = _field(name).metadata["choices"]
             need(getattr(self, name) in choices, f"--{_flag(name)} {getattr(self, name)!r}: choose from {', '.join(choices)}")
         return self
@@ -129,7 +138,7 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _OneLineErrors(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints usage + error; on N ranks that is a wall. Print one line instead."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -137,10 +146,18 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "distributed-step train") -> argparse.ArgumentParser:
-    parser = _OneLineErrors(prog=prog, description="Train a DDP ResNet-18 (run under torchrun for several ranks).",
+    parser = OneLineErrorParser(prog=prog, description="Train a DDP ResNet-18 (run under torchrun for several ranks).",
                             argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the same keys as the flags; flags override it")
+    add_config_flags(parser)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainConfig field (or the named ones), with its help and default."""
     for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
         flag, meta = "--" + _flag(f.name), f.metadata
         help_text = f"{meta['help']} (default: {f.default})"
         if f.type in (bool, "bool"):
@@ -149,7 +166,6 @@ def build_parser(prog: str = "distributed-step train") -> argparse.ArgumentParse
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=None if meta["choices"] else kind.__name__.upper(),
                                 help=help_text)
-    return parser
 
 
 def load_yaml(path: str) -> dict:

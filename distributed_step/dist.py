@@ -180,6 +180,14 @@ def broadcast_buffers_(module: torch.nn.Module, env: DistEnv) -> None:
             dist.broadcast(buf, src=0)
 
 
+def broadcast_params_(module: torch.nn.Module, env: DistEnv) -> None:
+    """Make every rank's parameters rank 0's (the bench resets diverged replicas with this)."""
+    if env.distributed:
+        with torch.no_grad():
+            for param in module.parameters():
+                dist.broadcast(param, src=0)
+
+
 def state_digest(state: dict) -> str:
     """sha256 of every tensor of a state dict, in order: equal digests mean identical replicas."""
     h = hashlib.sha256()

@@ -21,6 +21,27 @@ class PhaseClock:
         self.totals: dict[str, float] = {}
         self._pending: list[tuple[str, object, object]] = []
         self._last = None
+        self._grads_ready = None  # when the last parameter's gradient was accumulated
+
+    def watch_gradients(self, module: nn.Module) -> None:
+        """Split backward into compute and exposed communication.
+
+        Each parameter's hook stamps the time its gradient lands; the last stamp is the end of
+        the backward computation. DDP's backward returns only once every bucket's all-reduce
+        has finished, so what remains after that stamp is communication that backward did not
+        hide ("comm"). Without DDP (or under no_sync) it is the autograd engine's wrap-up.
+        """
+        for param in module.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._stamp_gradient)
+
+    def _stamp_gradient(self, _param) -> None:
+        if not self.cuda:
+            self._grads_ready = time.perf_counter()
+            return
+        if self._grads_ready is None:
+            self._grads_ready = torch.cuda.Event(enable_timing=True)
+        self._grads_ready.record()  # re-recording keeps the latest point in the stream
 
     def _now(self):
         if self.cuda:
@@ -32,13 +53,27 @@ class PhaseClock:
     def start(self) -> None:
         self._last = self._now()
 
+    def lap_backward(self) -> None:
+        """End of backward: "backward" up to the last gradient, "comm" for the rest."""
+        ready, self._grads_ready = self._grads_ready, None
+        if ready is None:  # no gradient was watched
+            self.lap("backward")
+            return
+        now = self._now()
+        self._add("backward", self._last, ready)
+        self._add("comm", ready, now)
+        self._last = now
+
     def lap(self, phase: str) -> None:
         now = self._now()
-        if self.cuda:
-            self._pending.append((phase, self._last, now))
-        else:
-            self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._last)
+        self._add(phase, self._last, now)
         self._last = now
+
+    def _add(self, phase: str, begin, end) -> None:
+        if self.cuda:
+            self._pending.append((phase, begin, end))
+        else:
+            self.totals[phase] = self.totals.get(phase, 0.0) + (end - begin)
 
     def read_ms(self) -> dict[str, float]:
         """Milliseconds per phase since the last read, then reset."""
@@ -68,7 +103,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                 loss = loss_fn(model(x), y) / accum
             clock.lap("forward")
             (scaler.scale(loss) if scaler else loss).backward()
-            clock.lap("backward")
+            clock.lap_backward()
         total += loss.detach()
     if scaler:
         scaler.unscale_(optimizer)

@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from . import checkpoint as ckpt
+from . import ddp
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import build_datasets, check_batch_fits, held_out_loader, loader_workers, train_loader
 from .dist import (DistEnv, _default_device, all_gather_object, all_reduce_, barrier, broadcast_buffers_,
@@ -92,6 +91,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.channels_last)
     env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, device)
     setup_logging(env)
+    ddp.set_threads(cfg.threads, env.local_world_size)
     try:
         return _Run(cfg, env, sets, net, on_checkpoint).fit()
     finally:
@@ -145,10 +145,9 @@ class _Run:
         self.lr_used = cfg.lr * _lr_factor(cfg, self.total_steps)(0)
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
-        self.model: nn.Module = self.net
-        if env.distributed:
-            self.model = DDP(self.net, device_ids=[env.device] if env.device.type == "cuda" else None,
-                             bucket_cap_mb=cfg.bucket_cap_mb)
+        self.model = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+                              bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook,
+                              powersgd_rank=cfg.powersgd_rank)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -215,6 +214,7 @@ class _Run:
                  self.total_steps, self.steps_per_epoch, cfg.global_batch_size, env.world_size,
                  env.device.type, env.backend)
         clock, meter, throughput = PhaseClock(env.device), LossMeter(env.device), Throughput()
+        clock.watch_gradients(self.net)
         bar = _progress(env, self.total_steps, self.step)
         # Window time counts training steps only (data, step, flags), not evaluation or saving.
         window_seconds, window_steps = 0.0, 0
@@ -292,9 +292,9 @@ class _Run:
             bar.update(self.step - bar.n)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
         else:
-            log.info("step %d/%d  loss %.4f  lr %.4g  %.0f img/s  (fwd %.0f / bwd+comm %.0f / opt %.0f ms)",
+            log.info("step %d/%d  loss %.4f  lr %.4g  %.0f img/s  (fwd %.0f / bwd %.0f / comm %.0f / opt %.0f ms)",
                      self.step, self.total_steps, loss, record["lr"], record["images_per_s"],
-                     phases.get("forward_ms", 0), phases.get("backward_ms", 0), phases.get("optimizer_ms", 0))
+                     *(phases.get(f"{name}_ms", 0) for name in ("forward", "backward", "comm", "optimizer")))
         return loss
 
     def _evaluate(self) -> dict:

@@ -1,0 +1,75 @@
+"""How the model is made data-parallel: DDP with its measured knobs, an optional gradient
+compression hook, and the intra-op thread count of each rank.
+
+`train` and `bench` both call these, so the benchmark measures exactly the step that trains.
+Each default was chosen by `python -m distributed_step bench` (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .dist import DistEnv
+
+# "none" is the exact path: gradients are summed in fp32, so N ranks equal one process.
+# The others compress what is sent and therefore change the arithmetic of every step.
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int, local_world_size: int) -> int:
+    """Intra-op threads for this rank; 0 means the cores we may use split over the local ranks.
+
+    torchrun exports OMP_NUM_THREADS=1 whenever it starts several ranks, and a single process
+    would otherwise take every core; both are wrong on a machine whose cores outnumber its
+    ranks, and oversubscribing (ranks x threads > cores) makes the all-reduce thread wait.
+    """
+    if threads <= 0:
+        threads = max(1, usable_cores() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def wrap(net: nn.Module, env: DistEnv, *, bucket_cap_mb: float, static_graph: bool, bucket_view: bool,
+         comm_hook: str = "none", powersgd_rank: int = 4) -> nn.Module:
+    """DDP around `net` (a no-op on one process): gradients are all-reduced bucket by bucket
+    while backward is still computing the earlier layers."""
+    if not env.distributed:
+        return net
+    model = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None,
+                bucket_cap_mb=bucket_cap_mb,
+                # The gradients live inside the communication buckets: no copy in, no copy out.
+                gradient_as_bucket_view=bucket_view,
+                # The graph is the same every step, so DDP can skip searching it for unused
+                # parameters and fix the bucket order after the first iteration.
+                static_graph=static_graph)
+    register_comm_hook(model, comm_hook, powersgd_rank)
+    return model
+
+
+def register_comm_hook(model: DDP, name: str, powersgd_rank: int = 4) -> None:
+    if name == "none":
+        return
+    if name == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif name == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "powersgd":
+        # Low-rank gradient approximation with error feedback. The first iterations use the
+        # exact all-reduce; PowerSGD needs at least two of them to start its warm state.
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                            start_powerSGD_iter=2, min_compression_rate=2,
+                                            use_error_feedback=True, warm_start=True)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    else:
+        raise ValueError(f"unknown comm hook {name!r}; choose from {', '.join(COMM_HOOKS)}")

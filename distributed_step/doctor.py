@@ -1,0 +1,215 @@
+"""`python -m distributed_step doctor`: a preflight for a new machine or cluster.
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
+             -m distributed_step doctor
+    python -m distributed_step doctor          # one process: device, threads, /dev/shm, one step
+
+Every rank joins the group, then rank 0 prints one line per check: OK, or WARN with what to do.
+Checks: backend and device per rank, hosts, time to rendezvous, all-reduce bandwidth at the size
+of the model's gradients against what the link should give, /dev/shm, threads against cores,
+and whether every rank holds identical parameters after one real training step. The exit code
+is 1 when a check fails outright (replicas differ), else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+
+import torch
+from torch import nn
+
+from . import ddp
+from .config import OneLineErrorParser, TrainConfig, add_config_flags
+from .dist import _default_device, all_gather_object, barrier, read_world, setup, state_digest, teardown
+from .model import build_model
+from .step import PhaseClock, train_step
+
+SHM_MIN_BYTES = 1 << 30  # DataLoader workers pass batches through /dev/shm; pods default to 64 MB
+# Lowest bus bandwidth we accept where no link speed can be read (same host, shared memory or
+# loopback TCP): a healthy machine gives several GB/s; below this something is misconfigured.
+SAME_HOST_MIN_GBPS = 0.5
+
+
+def _link_gbps(ifname: str) -> float | None:
+    """Nominal speed of a network interface in GB/s (sysfs reports Mbit/s), if the kernel knows."""
+    try:
+        with open(f"/sys/class/net/{ifname}/speed") as fh:
+            mbit = int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+    return mbit / 8 / 1000 if mbit > 0 else None
+
+
+def _route_ifname(addr: str) -> str:
+    """The interface traffic to `addr` leaves by (the first hop's interface in /proc/net/route)."""
+    explicit = os.environ.get("NCCL_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME")
+    if explicit:
+        return explicit.split(",")[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            local = s.getsockname()[0]
+        import fcntl
+        import struct
+
+        for ifname in os.listdir("/sys/class/net"):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(packed[20:24]) == local:
+                    return ifname
+    except (OSError, ImportError):
+        pass
+    return ""
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.failed = False
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"OK    {text}")
+
+    def warn(self, text: str, todo: str) -> None:
+        self.lines.append(f"WARN  {text} -> {todo}")
+
+    def fail(self, text: str, todo: str) -> None:
+        self.failed = True
+        self.lines.append(f"FAIL  {text} -> {todo}")
+
+
+def _facts(env, cfg: TrainConfig, rendezvous_s: float) -> dict:
+    return {"rank": env.rank, "host": socket.gethostname(), "device": str(env.device), "backend": env.backend,
+            "threads": torch.get_num_threads(), "cores": ddp.usable_cores(), "local_world": env.local_world_size,
+            "rendezvous_s": rendezvous_s, "shm_bytes": _shm_bytes(),
+            "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""}
+
+
+def _shm_bytes() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_frsize * st.f_blocks
+
+
+def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
+    """(seconds per all-reduce, bus GB/s) for a float32 tensor of `numel` elements."""
+    tensor = torch.ones(numel, device=env.device)
+    torch.distributed.all_reduce(tensor)  # warm the connections up
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    barrier(env)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        torch.distributed.all_reduce(tensor)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - began) / repeats
+    n = env.world_size
+    # Ring all-reduce moves 2(n-1)/n of the buffer through each link: the "bus bandwidth".
+    return seconds, 4 * numel * 2 * (n - 1) / n / seconds / 1e9
+
+
+def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
+    model = ddp.wrap(net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+                     bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook, powersgd_rank=cfg.powersgd_rank)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1000 + env.rank)  # each rank a different batch
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size, generator=gen).to(env.device)
+    labels = torch.randint(10, (4,), generator=gen).to(env.device)
+    clock = PhaseClock(env.device)
+    clock.start()
+    train_step(model, optimizer, images, labels, nn.CrossEntropyLoss(), clock)
+    return state_digest(dict(net.named_parameters()))
+
+
+def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
+    rank, local_rank, world_size, _ = read_world()
+    began = time.perf_counter()
+    env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, _default_device(local_rank))
+    rendezvous_s = time.perf_counter() - began
+    try:
+        ddp.set_threads(cfg.threads, env.local_world_size)
+        facts = all_gather_object(_facts(env, cfg, rendezvous_s), env)
+        torch.manual_seed(cfg.seed)
+        net = build_model(10, "none", False, False).to(env.device)
+        numel = sum(p.numel() for p in net.parameters())
+        timing = _bandwidth(env, numel, repeats) if env.distributed else None
+        digests = all_gather_object(_one_step_digest(env, cfg, net), env)
+    finally:
+        teardown(env)
+    if env.rank != 0:
+        return None
+    report = Report()
+    hosts = sorted({f["host"] for f in facts})
+    report.ok(f"{world_size} rank(s) on {len(hosts)} host(s): {', '.join(hosts)}; backend {env.backend}")
+    for f in facts:
+        where = f"rank {f['rank']} on {f['host']}: {f['device']}{' (' + f['gpu'] + ')' if f['gpu'] else ''}"
+        if env.backend == "nccl" and f["device"] == "cpu":
+            report.fail(where, "nccl needs a GPU on every rank; use --backend gloo on CPU hosts")
+        elif f["device"] == "cpu" and torch.cuda.is_available():
+            report.warn(where, "a GPU is visible but unused; check CUDA_VISIBLE_DEVICES and LOCAL_RANK")
+    cuda_devices = [(f["host"], f["device"]) for f in facts if f["device"] != "cpu"]
+    if len(set(cuda_devices)) != len(cuda_devices):
+        report.fail("two ranks share one GPU", "start one rank per GPU (torchrun --nproc_per_node=GPUS)")
+    slowest = max(f["rendezvous_s"] for f in facts)
+    line = f"rendezvous took {slowest:.2f} s (slowest rank)"
+    (report.ok(line) if slowest < 60 else
+     report.warn(line, "slow: check that every node reaches MASTER_ADDR and the rendezvous port"))
+    if timing is not None:
+        seconds, bus_gbps = timing
+        line = (f"all-reduce of {4 * numel / 1e6:.1f} MB (the model's gradients): {seconds * 1e3:.1f} ms, "
+                f"bus bandwidth {bus_gbps:.2f} GB/s")
+        link = _link_gbps(_route_ifname(os.environ.get("MASTER_ADDR", "127.0.0.1"))) if len(hosts) > 1 else None
+        if link is not None:
+            line += f" (link {link:.2f} GB/s)"
+            (report.ok(line) if bus_gbps >= 0.5 * link else
+             report.warn(line, "under half the link speed: set --socket-ifname to the fast interface, "
+                               "check NCCL_DEBUG=INFO for the transport in use"))
+        elif len(hosts) > 1:
+            report.warn(line + " (link speed unknown)", "compare with the network's rated speed")
+        elif env.backend == "gloo" and bus_gbps < SAME_HOST_MIN_GBPS:
+            report.warn(line, f"under {SAME_HOST_MIN_GBPS} GB/s on one host: too many ranks for the cores, "
+                              "or traffic leaves by a slow interface")
+        else:
+            report.ok(line + " (one host)")
+    for host in hosts:
+        on_host = [f for f in facts if f["host"] == host]
+        shm = on_host[0]["shm_bytes"]
+        line = f"{host}: /dev/shm {shm / 2**30:.1f} GiB"
+        (report.ok(line) if shm >= SHM_MIN_BYTES else
+         report.warn(line, "DataLoader workers and NCCL need more: mount an emptyDir with medium: Memory at "
+                           "/dev/shm (Kubernetes) or run docker with --shm-size=8g"))
+        used = sum(f["threads"] for f in on_host) if on_host[0]["device"] == "cpu" else 0
+        cores = on_host[0]["cores"]
+        line = f"{host}: {len(on_host)} rank(s) x {on_host[0]['threads']} thread(s) on {cores} core(s)"
+        (report.ok(line) if used <= cores else
+         report.warn(line, "oversubscribed: lower --threads or the ranks per node, or the all-reduce waits for a core"))
+    if len(set(digests)) == 1:
+        report.ok(f"identical parameters on all {world_size} rank(s) after one training step")
+    else:
+        report.fail(f"parameters differ between ranks after one step ({len(set(digests))} versions)",
+                    "ranks are not training the same model: check that every rank runs the same code and flags")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    parser = OneLineErrorParser(prog="distributed-step doctor", argument_default=argparse.SUPPRESS,
+                                description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="all-reduces timed for the bandwidth (default: 5)")
+    add_config_flags(parser, ("backend", "timeout_s", "socket_ifname", "threads", "bucket_cap_mb", "static_graph",
+                              "bucket_view", "comm_hook", "powersgd_rank", "seed"))
+    args = vars(parser.parse_args(argv))
+    repeats = args.pop("repeats")
+    cfg = TrainConfig(image_size=32, **args).validate()
+    report = run_checks(cfg, max(1, repeats))
+    if report is None:
+        return 0
+    print("\n".join(report.lines), flush=True)
+    return 1 if report.failed else 0

@@ -1,0 +1,161 @@
+"""`python -m distributed_step plot PATH [PATH ...]`: PNG charts of runs and benchmarks.
+
+    python -m distributed_step plot runs/demo                 # -> runs/demo/plots/*.png
+    python -m distributed_step plot bench.jsonl --out docs/img
+
+A run directory (it holds metrics.jsonl) gives loss, held-out accuracy, learning rate, images/s
+and the phase breakdown of every logged window. A bench file (the JSON lines of `bench --json`)
+gives images/s by world size and stacked phase bars for every variant and mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+from .config import ConfigError, OneLineErrorParser
+
+PHASES = ("forward", "backward", "comm", "optimizer", "other")
+COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "comm": "#C44E52", "optimizer": "#55A868",
+          "other": "#8C8C8C"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"{path}:{number}: not a JSON line") from None
+    if not rows:
+        raise ConfigError(f"{path}: no records to plot")
+    return rows
+
+
+def plot_run(run_dir: str, out_dir: str) -> list[str]:
+    """Charts of one training run: its metrics.jsonl (and summary.json, if finished)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a run directory of `train`?)")
+    rows = _read_jsonl(path)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary_path):  # the final evaluation is in the summary, not in metrics
+        with open(summary_path) as fh:
+            final = json.load(fh)
+        if final.get("eval_accuracy") is not None:
+            evals.append({"step": final["steps"], "eval_accuracy": final["eval_accuracy"]})
+    plt = _pyplot()
+    written = []
+
+    def save(fig, name: str) -> None:
+        target = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    steps = [r["step"] for r in train]
+    axes[0, 0].plot(steps, [r["loss"] for r in train])
+    axes[0, 0].set(title="training loss (all ranks)", xlabel="step", yscale="log")
+    if evals:
+        axes[0, 1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")
+    axes[0, 1].set(title="held-out accuracy", xlabel="step", ylim=(0, 1.02))
+    axes[1, 0].plot(steps, [r.get("lr", float("nan")) for r in train])
+    axes[1, 0].set(title="learning rate", xlabel="step")
+    axes[1, 1].plot(steps, [r.get("images_per_s", float("nan")) for r in train])
+    axes[1, 1].set(title="images/s (global)", xlabel="step", ylim=(0, None))
+    save(fig, "training.png")
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    bottom = [0.0] * len(train)
+    for phase in PHASES:
+        if phase == "other":
+            values = [max(0.0, r.get("step_ms", 0) - sum(r.get(f"{p}_ms", 0) for p in PHASES[:-1])) for r in train]
+        else:
+            values = [r.get(f"{phase}_ms", 0.0) for r in train]
+        ax.bar(steps, values, bottom=bottom, color=COLORS[phase], label=phase,
+               width=max(1, (steps[-1] - steps[0]) / max(1, len(steps)) * 0.8) if len(steps) > 1 else 0.8)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(title="where each step's time goes (ms per step, rank 0, mean of each log window)", xlabel="step",
+           ylabel="ms")
+    ax.legend(loc="upper right", ncols=len(PHASES))
+    save(fig, "phases.png")
+    return written
+
+
+def plot_bench(path: str, out_dir: str) -> list[str]:
+    """Charts of a bench file: images/s against world size, and stacked phase bars."""
+    rows = _read_jsonl(path)
+    if not all("mode" in r and "world_size" in r for r in rows):
+        raise ConfigError(f"{path}: not a `distributed-step bench --json` file")
+    plt = _pyplot()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    written = []
+
+    series = defaultdict(list)
+    for r in rows:
+        series[(r["variant"], r["mode"])].append((r["world_size"], r["images_per_s"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (variant, mode), points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                linestyle="-" if mode == "sync" else "--",
+                label=f"{variant} ({'all-reduce' if mode == 'sync' else 'no sync: bound'})")
+    ax.set(title="training images/s by world size", xlabel="ranks", ylabel="images/s", ylim=(0, None))
+    ax.set_xticks(sorted({r["world_size"] for r in rows}))
+    ax.legend(fontsize="small")
+    target = os.path.join(out_dir, f"{stem}-throughput.png")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    written.append(target)
+
+    labels = [f"{r['world_size']}r {r['variant']}\n{r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 5))
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        values = [r.get(f"{phase}_ms", 0.0) for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, color=COLORS[phase], label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize="x-small")
+    ax.set(title="step time by phase (ms, mean over ranks)", ylabel="ms per step")
+    ax.legend()
+    target = os.path.join(out_dir, f"{stem}-phases.png")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    written.append(target)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    parser = OneLineErrorParser(prog="distributed-step plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories and/or bench JSON-lines files")
+    parser.add_argument("--out", default="", help="folder for the PNGs (default: RUN_DIR/plots, or beside the "
+                        "bench file)")
+    args = parser.parse_args(argv)
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such run directory or bench file")
+        out_dir = args.out or (os.path.join(path, "plots") if os.path.isdir(path) else os.path.dirname(path) or ".")
+        os.makedirs(out_dir, exist_ok=True)
+        written = plot_run(path, out_dir) if os.path.isdir(path) else plot_bench(path, out_dir)
+        for target in written:
+            print(target)
+    return 0
