@@ -1,0 +1,198 @@
+"""The pods' commands really run: each CPU variant, rendered as `kubectl apply -k` would create
+it, becomes local processes with what the operator injects (k8s_operators: the training
+operator's, the Trainer's, the Job controller's and KubeRay's behaviour, read from their
+sources) and what the kubelet resolves (k8s_kubelet: volumes as directories, env, $(VAR)).
+Each pod is a process tree; DNS names map to 127.0.0.1. The only edits are ones a user could
+make: the ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS
+follows), and the elastic PyTorchJob's maxReplicas becomes the 2 pods it runs.
+
+Failure path: a pod of the Indexed Job and the PyTorchJob's master are killed mid-run (SIGKILL of
+every process in the pod); the controller emulation restarts them as Kubernetes would, and the
+run resumes from the checkpoint on the shared volume, to the same weights as the runs that were
+never interrupted.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, metrics, summary
+from k8s_kubelet import Node, Outcome, run_rayjob, run_until_done
+from k8s_operators import Network, indexed_job_pods, pytorchjob_pods, rayjob_pods, trainjob_pods
+from k8s_render import find, kubectl, render, workload
+
+pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (with kustomize) is not installed")
+
+STEPS = 6
+# conftest's TINY flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
+# 2 steps: a pod killed after the first one has 4 steps left to lose.
+TINY_CONFIG = {**{k.lstrip("-").replace("-", "_"): v for k, v in zip(TINY[::2], TINY[1::2])},
+               "steps": STEPS, "checkpoint_every": 2, "timeout_s": 120}
+
+
+@dataclass
+class Run:
+    out: Path               # the run directory, on the emulated PersistentVolumeClaim
+    outcome: Outcome
+    killed: str | None = None
+    status: str = ""        # RayJob: the job's status as the operator reads it
+
+
+def prepared(variant: str) -> list[dict]:
+    """The variant's objects with the tiny training flags and 1-CPU pods."""
+    objects = render(variant)
+    find(objects, "ConfigMap", "distributed-step-config")["data"]["train.yaml"] = yaml.safe_dump(TINY_CONFIG)
+    obj = workload(objects)
+    if obj["kind"] == "TrainJob":
+        resources = [obj["spec"]["trainer"]["resourcesPerNode"]]
+    elif obj["kind"] == "Job":
+        resources = [c["resources"] for c in obj["spec"]["template"]["spec"]["containers"]]
+    elif obj["kind"] == "PyTorchJob":
+        resources = [c["resources"] for rs in obj["spec"]["pytorchReplicaSpecs"].values()
+                     for c in rs["template"]["spec"]["containers"]]
+    else:
+        resources = []  # Ray's pods keep their CPUs: they are Ray's resources for --cpus-per-worker
+    for r in resources:
+        r["requests"]["cpu"] = r["limits"]["cpu"] = "1"
+    return objects
+
+
+def run_dir(objects: list[dict], root: Path) -> Path:
+    name = workload(objects)["metadata"]["name"]
+    return root / "claims" / "distributed-step-runs" / name
+
+
+def kill_after_first_checkpoint(out: Path, pod: str, killed: list):
+    """During the run: once step 2's checkpoint is written, SIGKILL every process of `pod`."""
+    def during(outcome: Outcome) -> None:
+        if not killed and (out / "checkpoints" / "step_00000002.pt").exists():
+            outcome.runs[pod][-1].kill()
+            killed.append(pod)
+    return during
+
+
+def run_torchrun_variant(variant: str, root: Path, kill: str | None = None, edit=None) -> Run:
+    objects = prepared(variant)
+    obj = workload(objects)
+    if edit:
+        edit(obj)
+    net = Network()
+    if obj["kind"] == "Job":
+        pods, limit = indexed_job_pods(obj, objects, net), obj["spec"]["backoffLimit"]
+    elif obj["kind"] == "PyTorchJob":
+        pods, limit = pytorchjob_pods(obj, net), obj["spec"]["runPolicy"]["backoffLimit"]
+    else:  # the runtime's Job decides TrainJob retries; none are needed here
+        pods, limit = trainjob_pods(obj, net), 0
+    out, killed = run_dir(objects, root), []
+    during = kill_after_first_checkpoint(out, kill, killed) if kill else None
+    outcome = run_until_done(Node(root, objects, net), pods, limit, timeout_s=300, during=during)
+    assert killed == ([kill] if kill else []), "the run ended before the pod could be killed"
+    return Run(out, outcome, kill)
+
+
+def run_rayjob_variant(root: Path) -> Run:
+    objects = prepared("rayjob")
+    obj, net = workload(objects), Network()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        head, workers, submitter = rayjob_pods(obj, net, temp)
+        # A local ray.init() would switch token auth on; the jobs CLI then needs the token too.
+        node = Node(root, objects, net, extra_env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+        outcome, status = run_rayjob(node, head, workers, submitter, obj["spec"]["submitterConfig"]["backoffLimit"])
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return Run(run_dir(objects, root), outcome, status=status)
+
+
+def two_pods_are_all(obj: dict) -> None:
+    # maxReplicas = the 2 pods we run: with room for more, every rendezvous would wait its
+    # last_call_timeout (30 s) for pods that are never coming.
+    obj["spec"]["elasticPolicy"]["maxReplicas"] = 2
+
+
+PLANS = {  # variant -> how it runs; the longest first
+    "rayjob": lambda root: run_rayjob_variant(root),
+    "job": lambda root: run_torchrun_variant("job", root, kill="ds-job-1"),
+    "pytorchjob": lambda root: run_torchrun_variant("pytorchjob", root, kill="ds-pytorchjob-master-0"),
+    "pytorchjob/elastic": lambda root: run_torchrun_variant("pytorchjob/elastic", root, edit=two_pods_are_all),
+    "trainjob": lambda root: run_torchrun_variant("trainjob", root),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every variant's run, three at a time: much of a run is waiting (rendezvous, restarts,
+    Ray's start), so several share even a 2-core machine without slowing each other much."""
+    roots = {v: tmp_path_factory.mktemp("k8s-" + v.replace("/", "-")) for v in PLANS}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {v: pool.submit(plan, roots[v]) for v, plan in PLANS.items()}
+    return {v: f.exception() or f.result() for v, f in futures.items()}
+
+
+def ran(runs: dict, variant: str) -> Run:
+    if isinstance(runs[variant], BaseException):
+        raise runs[variant]
+    return runs[variant]
+
+
+def assert_complete(run: Run) -> dict:
+    result = summary(run.out)
+    assert result["status"] == "complete" and result["steps"] == STEPS and result["world_size"] == 2, result
+    assert (run.out / "model.pt").is_file()
+    for pod, runs in run.outcome.runs.items():  # every pod's last attempt exited 0
+        assert runs[-1].poll() == 0, f"{pod}:\n{runs[-1].output()[-3000:]}"
+    return result
+
+
+def assert_resumed(run: Run) -> None:
+    """The killed pod was started again, and training went on from a checkpoint, not from 0."""
+    result = assert_complete(run)
+    assert [code for pod, _, code in run.outcome.exits if pod == run.killed] == [-9, 0], run.outcome.exits
+    resumed = int(result["resumed_from"].rsplit("step_", 1)[1][:8])
+    assert resumed >= 2 and result["resumed_from"].startswith(str(run.out)), result["resumed_from"]
+    assert [m["step"] for m in metrics(run.out) if "loss" in m][-1] == STEPS
+
+
+def test_indexed_job_pod_killed_mid_run_is_replaced_and_the_job_resumes(runs):
+    job = ran(runs, "job")
+    assert_resumed(job)
+    # Pod 0 (the rendezvous host) lived on: its agent re-admitted the replacement pod 1.
+    assert [code for pod, _, code in job.outcome.exits if pod == "ds-job-0"] == [0]
+    assert "resumed from" in job.outcome.runs["ds-job-0"][0].output()
+
+
+def test_pytorchjob_master_killed_mid_run_every_pod_restarts_and_resumes(runs):
+    pytorchjob = ran(runs, "pytorchjob")
+    assert_resumed(pytorchjob)
+    # The worker's agent lost the rendezvous store with the master, failed, and was restarted
+    # in place (restartPolicy OnFailure), within the job's backoffLimit.
+    assert [code for pod, _, code in pytorchjob.outcome.exits if pod == "ds-pytorchjob-worker-0"] == [1, 0]
+
+
+def test_elastic_pytorchjob_completes(runs):
+    assert_complete(ran(runs, "pytorchjob/elastic"))
+
+
+def test_trainjob_completes(runs):
+    assert_complete(ran(runs, "trainjob"))
+
+
+def test_rayjob_completes_with_its_checkpoints_on_the_shared_volume(runs):
+    run = ran(runs, "rayjob")
+    assert "succeeded" in run.status.lower(), run.status
+    assert summary(run.out)["status"] == "complete" and (run.out / "model.pt").is_file()
+    assert list((run.out / "ray").glob("checkpoint_*")), "Ray's checkpoints are not under --storage-path"
+
+
+def test_every_torchrun_variant_trains_the_same_model(runs):
+    """Same ranks, same data, same steps: the same weights, bit for bit, whichever operator
+    launched torchrun, and whether or not a pod was killed and the run resumed."""
+    torchrun = ("job", "pytorchjob", "pytorchjob/elastic", "trainjob")
+    digests = {v: tuple(summary(ran(runs, v).out)["replica_digests"]) for v in torchrun}
+    assert len(set(digests.values())) == 1, digests
