@@ -30,15 +30,15 @@ from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_fla
 from .dist import (DistEnv, _default_device, all_gather_object, barrier, broadcast_params_, read_world, setup,
                    state_digest, teardown)
 from .model import build_model
-from .step import PhaseClock, train_step
+from .step import PhaseClock, sgd, train_step
 
 # The TrainConfig fields that shape the step; the bench takes them as flags and sweeps them.
 STEP_FLAGS = ("image_size", "global_batch_size", "channels_last", "precision", "compile", "bucket_cap_mb",
-              "static_graph", "bucket_view", "threads", "comm_hook", "powersgd_rank", "backend", "seed")
+              "static_graph", "bucket_view", "threads", "comm_hook", "powersgd_rank", "fused_sgd", "backend", "seed")
 PHASES = ("forward", "backward", "comm", "optimizer")
-# What the PyTorch DDP tutorial runs: every knob at torch's default, one thread per rank.
-TUTORIAL = {"bucket_cap_mb": 25.0, "static_graph": False, "bucket_view": False, "threads": 1,
-            "comm_hook": "none", "channels_last": False, "precision": "fp32", "compile": False}
+# What the PyTorch DDP tutorial runs under torchrun: every knob at torch's default.
+TUTORIAL = {"bucket_cap_mb": 25.0, "static_graph": False, "bucket_view": False,
+            "comm_hook": "none", "channels_last": False, "precision": "fp32", "compile": False, "fused_sgd": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +96,8 @@ def variants(args: dict, world_size: int) -> list[Variant]:
         axes.append([(key, _value(key, v)) for v in values.split(",")])
     combos = [dict(c) for c in itertools.product(*axes)] or [{}]
     if args["compare_tutorial"]:
-        combos.append({"tutorial": True, **TUTORIAL})
+        # torchrun gives each rank one thread when it starts several, and leaves one alone.
+        combos.append({"tutorial": True, **TUTORIAL, "threads": 1 if world_size > 1 else 0})
     out = []
     for combo in combos:
         settings = {**base, **{k: v for k, v in combo.items() if k in STEP_FLAGS}}
@@ -120,7 +121,7 @@ class _Bench:
         self.ddp = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
                             bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook, powersgd_rank=cfg.powersgd_rank)
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # each rank its own batch
         n, side = variant.batch_per_rank, cfg.image_size
         self.images = torch.randn(n, 3, side, side, generator=gen).to(env.device)
@@ -201,6 +202,7 @@ def run_rank(args: dict) -> list[dict] | None:
 def _records(plan: list[Variant], gathered: list, checks: list[dict], env: DistEnv, args: dict) -> list[dict]:
     """Average each figure over the ranks; the parts of the step add up to its time by construction."""
     records = []
+    flops = {size: flop_per_image(size) for size in {v.cfg.image_size for v in plan}}
     for i, variant in enumerate(plan):
         by_mode = {}
         for j, mode in enumerate(("sync", "nosync")):
@@ -208,14 +210,30 @@ def _records(plan: list[Variant], gathered: list, checks: list[dict], env: DistE
             fig = {k: round(sum(r[k] for r in per_rank) / len(per_rank), 3) for k in per_rank[0]}
             fig["other_ms"] = round(fig["step_ms"] - sum(fig[f"{p}_ms"] for p in PHASES), 3)
             fig["images_per_s"] = round(variant.cfg.global_batch_size / fig["step_ms"] * 1e3, 2)
+            # Achieved arithmetic rate over all ranks: compare it with the hardware's peak.
+            fig["tflops"] = round(fig["images_per_s"] * flops[variant.cfg.image_size] / 1e12, 4)
             by_mode[mode] = fig
         for mode, fig in by_mode.items():
             records.append({"variant": variant.label, "mode": mode, "world_size": env.world_size,
                             "device": env.device.type, "batch_per_rank": variant.batch_per_rank,
                             "steps": args["steps"] * args["rounds"], **fig,
-                            "vs_bound": round(fig["step_ms"] / by_mode["nosync"]["step_ms"], 3), **checks[i],
+                            "vs_bound": round(fig["step_ms"] / by_mode["nosync"]["step_ms"], 3),
+                            # Medians resist the odd slow step of a shared machine: the headline.
+                            "vs_bound_median": round(fig["step_ms_median"] / by_mode["nosync"]["step_ms_median"], 3),
+                            **checks[i],
                             "config": {k: getattr(variant.cfg, k) for k in STEP_FLAGS}})
     return records
+
+
+def flop_per_image(image_size: int) -> float:
+    """Floating-point operations of one training image (forward + backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_model(10, "none", False, False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nn.functional.cross_entropy(net(torch.randn(1, 3, image_size, image_size)), torch.tensor([0])).backward()
+    return float(counter.get_total_flops())
 
 
 def _spawned_rank(local_rank: int, world_size: int, port: int, args: dict, result_path: str) -> None:
@@ -247,12 +265,13 @@ def spawn(args: dict, world_size: int) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     head = (f"{'world':>5} {'variant':<36} {'mode':<6} {'img/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} "
-            f"{'comm':>6} {'opt':>6} {'other':>6} {'x bound':>7}")
+            f"{'comm':>6} {'opt':>6} {'other':>6} {'x bound':>7} {'median':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['world_size']:>5} {r['variant'][:36]:<36} {r['mode']:<6} {r['images_per_s']:>8.1f} "
                      f"{r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['comm_ms']:>6.1f} "
-                     f"{r['optimizer_ms']:>6.1f} {r['other_ms']:>6.1f} {r['vs_bound']:>7.3f}")
+                     f"{r['optimizer_ms']:>6.1f} {r['other_ms']:>6.1f} {r['vs_bound']:>7.3f} "
+                     f"{r['vs_bound_median']:>7.3f}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     warmup_steps: int = _opt(5, "steps of linear warmup from 0 to --lr")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     clip_grad: float = _opt(0.0, "clip the global gradient norm to this value (0: off)")
+    fused_sgd: bool = _opt(True, "one fused kernel for the SGD update (off: torch's per-tensor foreach loop)")
     # Model
     weights: str = _opt("none", "none | DEFAULT (torchvision cache, never downloaded) | PATH to a state dict")
     small_input_stem: bool = _opt(False, "3x3 stride-1 stem without max-pool, for tiny images")
@@ -67,8 +68,8 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
     socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB")
-    static_graph: bool = _opt(False, "tell DDP the graph is the same every step (skips its per-step search)")
-    bucket_view: bool = _opt(False, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
+    static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search)")
+    bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
     threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node)")
     comm_hook: str = _opt("none", "gradient compression: none is exact; bf16, fp16 and powersgd change "
                           "the math (fewer bytes sent, a slightly different update)",

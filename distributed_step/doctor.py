@@ -24,7 +24,7 @@ from . import ddp
 from .config import OneLineErrorParser, TrainConfig, add_config_flags
 from .dist import _default_device, all_gather_object, barrier, read_world, setup, state_digest, teardown
 from .model import build_model
-from .step import PhaseClock, train_step
+from .step import PhaseClock, sgd, train_step
 
 SHM_MIN_BYTES = 1 << 30  # DataLoader workers pass batches through /dev/shm; pods default to 64 MB
 # Lowest bus bandwidth we accept where no link speed can be read (same host, shared memory or
@@ -119,7 +119,7 @@ def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
 def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
     model = ddp.wrap(net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
                      bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook, powersgd_rank=cfg.powersgd_rank)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    optimizer = sgd(net.parameters(), 0.1, 0.9, fused=cfg.fused_sgd)
     gen = torch.Generator().manual_seed(1000 + env.rank)  # each rank a different batch
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size, generator=gen).to(env.device)
     labels = torch.randint(10, (4,), generator=gen).to(env.device)
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="all-reduces timed for the bandwidth (default: 5)")
     add_config_flags(parser, ("backend", "timeout_s", "socket_ifname", "threads", "bucket_cap_mb", "static_graph",
-                              "bucket_view", "comm_hook", "powersgd_rank", "seed"))
+                              "bucket_view", "comm_hook", "powersgd_rank", "fused_sgd", "seed"))
     args = vars(parser.parse_args(argv))
     repeats = args.pop("repeats")
     cfg = TrainConfig(image_size=32, **args).validate()

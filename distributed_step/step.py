@@ -87,6 +87,14 @@ class PhaseClock:
         return out
 
 
+def sgd(params, lr: float, momentum: float, weight_decay: float = 0.0, nesterov: bool = False,
+        fused: bool = True) -> torch.optim.SGD:
+    """SGD with momentum. The fused kernel updates every parameter in one pass over memory (3x
+    faster than the per-tensor loop on CPU, docs/benchmarks.md); the arithmetic is the same."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                           **({"fused": True} if fused else {"foreach": True}))
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, loss_fn: nn.Module, clock: PhaseClock, *, accum: int = 1,
                precision: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,

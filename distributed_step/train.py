@@ -25,7 +25,7 @@ from .dist import (DistEnv, _default_device, all_gather_object, all_reduce_, bar
                    broadcast_object, read_world, setup, state_digest, teardown)
 from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
 from .model import build_model
-from .step import PhaseClock, train_step
+from .step import PhaseClock, sgd, train_step
 from .syncbn import convert_sync_batchnorm
 
 
@@ -138,8 +138,8 @@ class _Run:
         if cfg.sync_bn:
             self.net = convert_sync_batchnorm(self.net, env.device)
         self.net = self.net.to(env.device)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.optimizer = sgd(self.net.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov,
+                             fused=cfg.fused_sgd)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, self.total_steps))
         self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None
         self.lr_used = cfg.lr * _lr_factor(cfg, self.total_steps)(0)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The figures of docs/benchmarks.md ("The step against its bound"): each command runs one
+# `bench` whose variants and modes are interleaved in the same processes. JSON lines go to
+# docs/bench/, charts to docs/img/.   bash benchmarks/step_vs_bound.sh [STEPS] [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-5} rounds=${2:-3}
+py=.venv/bin/python
+mkdir -p docs/bench docs/img
+bench() { local name=$1; shift; rm -f "docs/bench/$name.jsonl"
+  echo "== $name: bench $*"; $py -m distributed_step bench --steps "$steps" --rounds "$rounds" --warmup 2 \
+      --json "docs/bench/$name.jsonl" "$@"; }
+# Reference configuration: 2 ranks, ResNet-18, synthetic 64 px, global batch 64, fp32.
+bench knobs --world-sizes 2 --sweep bucket_view=false,true --sweep static_graph=false,true --compare-tutorial
+bench buckets --world-sizes 2 --sweep bucket_cap_mb=2,5,10,25,50
+bench threads --world-sizes 2 --sweep threads=1,2
+bench hooks --world-sizes 2 --sweep comm_hook=none,bf16,fp16,powersgd
+bench kernels --world-sizes 2 --sweep channels_last=false,true --sweep precision=fp32,bf16
+bench compile --world-sizes 2 --sweep compile=false,true
+bench scaling --world-sizes 1,2,4 --compare-tutorial
+bench batch --world-sizes 2 --sweep batch_per_rank=8,16,32,64,128
+$py -m distributed_step plot docs/bench/*.jsonl --out docs/img
