@@ -67,10 +67,10 @@ class TrainConfig:
     timeout_s: float = _opt(300.0, "timeout of rendezvous and of every collective, in seconds")
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
     socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
-    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size in MB")
-    static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search)")
+    bucket_cap_mb: float = _opt(10.0, "DDP gradient bucket size in MB (the first bucket is 1 MB)")
+    static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search; off with --grad-accum > 1)")
     bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
-    threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node)")
+    threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node, at most OMP_NUM_THREADS)")
     comm_hook: str = _opt("none", "gradient compression: none is exact; bf16, fp16 and powersgd change "
                           "the math (fewer bytes sent, a slightly different update)",
                           ("none", "bf16", "fp16", "powersgd"))

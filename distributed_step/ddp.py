@@ -38,14 +38,18 @@ def usable_cores() -> int:
 
 
 def set_threads(threads: int, local_world_size: int) -> int:
-    """Intra-op threads for this rank; 0 means the cores we may use split over the local ranks.
+    """Intra-op threads for this rank; 0 means the cores we may use split over the local ranks,
+    and never more than an OMP_NUM_THREADS the launcher set (torchrun, Ray and our pods do).
 
-    torchrun exports OMP_NUM_THREADS=1 whenever it starts several ranks, and a single process
-    would otherwise take every core; both are wrong on a machine whose cores outnumber its
-    ranks, and oversubscribing (ranks x threads > cores) makes the all-reduce thread wait.
+    Oversubscribing (ranks x threads > cores) is the costly mistake: 2 ranks x 2 threads on 2
+    cores made the step 2.9x slower (docs/benchmarks.md), and a pod's CPU limit leaves every
+    core of the node in its affinity mask, hence the cgroup quota in usable_cores().
     """
     if threads <= 0:
         threads = max(1, usable_cores() // max(1, local_world_size))
+        launcher = os.environ.get("OMP_NUM_THREADS", "")
+        if launcher.isdigit() and int(launcher) > 0:
+            threads = min(threads, int(launcher))
     torch.set_num_threads(threads)
     return threads
 
@@ -80,6 +84,19 @@ def register_comm_hook(model: DDP, name: str, powersgd_rank: int = 4) -> None:
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                             start_powerSGD_iter=2, min_compression_rate=2,
                                             use_error_feedback=True, warm_start=True)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        model.register_comm_hook(state, _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
     else:
         raise ValueError(f"unknown comm hook {name!r}; choose from {', '.join(COMM_HOOKS)}")
+
+
+def _one_bucket_at_a_time(hook):
+    """PowerSGD issues its second all-reduce (Q) from a callback of its first (P). With several
+    buckets in flight those callbacks race, so two ranks can issue them in different orders and
+    gloo, which matches collectives by order, fails ("Received data size doesn't match expected
+    size"; seen with 10 MB buckets or a static graph). Finishing each bucket before backward
+    goes on keeps one order on every rank; on CPU the overlap it gives up was not free anyway."""
+    def ordered(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+    return ordered

@@ -145,7 +145,10 @@ class _Run:
         self.lr_used = cfg.lr * _lr_factor(cfg, self.total_steps)(0)
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
-        self.model = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
+        # DDP's static graph assumes every backward syncs; accumulation skips the sync (no_sync)
+        # on all micro-steps but the last, which trips an internal assert in its reducer.
+        self.model = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb,
+                              static_graph=cfg.static_graph and cfg.grad_accum == 1,
                               bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook,
                               powersgd_rank=cfg.powersgd_rank)
         if cfg.compile:
