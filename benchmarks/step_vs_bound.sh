@@ -18,6 +18,7 @@ $py -m distributed_step bench --world-sizes 2 --steps 3 --rounds 10 --warmup 2 -
 bench knobs --world-sizes 2 --sweep bucket_view=false,true --sweep static_graph=false,true --compare-tutorial
 bench buckets --world-sizes 2 --sweep bucket_cap_mb=2,5,10,25,50
 bench threads --world-sizes 2 --sweep threads=1,2
+bench pinning --world-sizes 2 --sweep pin_cores=false,true --compare-tutorial
 bench hooks --world-sizes 2 --sweep comm_hook=none,bf16,fp16,powersgd
 bench kernels --world-sizes 2 --sweep channels_last=false,true --sweep precision=fp32,bf16
 bench compile --world-sizes 2 --sweep compile=false,true

@@ -34,11 +34,12 @@ from .step import PhaseClock, sgd, train_step
 
 # The TrainConfig fields that shape the step; the bench takes them as flags and sweeps them.
 STEP_FLAGS = ("image_size", "global_batch_size", "channels_last", "precision", "compile", "bucket_cap_mb",
-              "static_graph", "bucket_view", "threads", "comm_hook", "powersgd_rank", "fused_sgd", "backend", "seed")
+              "static_graph", "bucket_view", "threads", "pin_cores", "comm_hook", "powersgd_rank", "fused_sgd", "backend", "seed")
 PHASES = ("forward", "backward", "comm", "optimizer")
 # What the PyTorch DDP tutorial runs under torchrun: every knob at torch's default.
 TUTORIAL = {"bucket_cap_mb": 25.0, "static_graph": False, "bucket_view": False,
-            "comm_hook": "none", "channels_last": False, "precision": "fp32", "compile": False, "fused_sgd": False}
+            "comm_hook": "none", "channels_last": False, "precision": "fp32", "compile": False, "fused_sgd": False,
+            "pin_cores": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +138,7 @@ class _Bench:
 
     def run(self, mode: str, steps: int, record: bool) -> None:
         ddp.set_threads(self.variant.cfg.threads, self.env.local_world_size)
+        ddp.pin_cores(self.variant.cfg.pin_cores, self.env.local_rank, self.env.local_world_size)
         barrier(self.env)  # blocks start together, so no rank's wait is counted as work
         cuda = self.env.device.type == "cuda"
         for _ in range(steps):

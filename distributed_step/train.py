@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, device)
     setup_logging(env)
     ddp.set_threads(cfg.threads, env.local_world_size)
+    ddp.pin_cores(cfg.pin_cores, env.local_rank, env.local_world_size)
     try:
         return _Run(cfg, env, sets, net, on_checkpoint).fit()
     finally:
