@@ -119,8 +119,7 @@ class _Bench:
         cfg, self.env, self.variant = variant.cfg, env, variant
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.net = build_model(10, "none", False, cfg.channels_last).to(env.device)
-        self.ddp = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
-                            bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook, powersgd_rank=cfg.powersgd_rank)
+        self.ddp = ddp.wrap(self.net, env, cfg)
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # each rank its own batch
@@ -137,8 +136,7 @@ class _Bench:
         self.records: dict[str, list[dict]] = {"sync": [], "nosync": []}
 
     def run(self, mode: str, steps: int, record: bool) -> None:
-        ddp.set_threads(self.variant.cfg.threads, self.env.local_world_size)
-        ddp.pin_cores(self.variant.cfg.pin_cores, self.env.local_rank, self.env.local_world_size)
+        ddp.place(self.variant.cfg, self.env)
         barrier(self.env)  # blocks start together, so no rank's wait is counted as work
         cuda = self.env.device.type == "cuda"
         for _ in range(steps):

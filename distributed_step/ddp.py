@@ -13,12 +13,10 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .config import TrainConfig
 from .dist import DistEnv
 
-# "none" is the exact path: gradients are summed in fp32, so N ranks equal one process.
-# The others compress what is sent and therefore change the arithmetic of every step.
-COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
-
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
 # The cores this process may use before any pinning (a launcher's or Slurm's cpuset included).
 _STARTING_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
@@ -28,7 +26,7 @@ def usable_cores() -> int:
     CPU limit leaves the affinity at every core of the node but throttles past the quota)."""
     cores = len(_STARTING_CORES)  # not the current mask: pin_cores() narrows it
     try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:
+        with open(CGROUP_CPU_MAX) as fh:
             quota, period = fh.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(quota) // int(period)))
@@ -51,6 +49,13 @@ def set_threads(threads: int, local_world_size: int) -> int:
         if launcher.isdigit() and int(launcher) > 0:
             threads = min(threads, int(launcher))
     torch.set_num_threads(threads)
+    return threads
+
+
+def place(cfg: TrainConfig, env: DistEnv) -> int:
+    """Threads and cores of this rank, from the configuration; returns the thread count."""
+    threads = set_threads(cfg.threads, env.local_world_size)
+    pin_cores(cfg.pin_cores, env.local_rank, env.local_world_size)
     return threads
 
 
@@ -78,24 +83,26 @@ def pin_cores(pin: bool, local_rank: int, local_world_size: int) -> None:
             pass
 
 
-def wrap(net: nn.Module, env: DistEnv, *, bucket_cap_mb: float, static_graph: bool, bucket_view: bool,
-         comm_hook: str = "none", powersgd_rank: int = 4) -> nn.Module:
-    """DDP around `net` (a no-op on one process): gradients are all-reduced bucket by bucket
-    while backward is still computing the earlier layers."""
+def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
+    """DDP around `net` (a no-op on one process) with the configuration's knobs: gradients are
+    all-reduced bucket by bucket while backward is still computing the earlier layers."""
     if not env.distributed:
         return net
     model = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None,
-                bucket_cap_mb=bucket_cap_mb,
+                bucket_cap_mb=cfg.bucket_cap_mb,
                 # The gradients live inside the communication buckets: no copy in, no copy out.
-                gradient_as_bucket_view=bucket_view,
+                gradient_as_bucket_view=cfg.bucket_view,
                 # The graph is the same every step, so DDP can skip searching it for unused
-                # parameters and fix the bucket order after the first iteration.
-                static_graph=static_graph)
-    register_comm_hook(model, comm_hook, powersgd_rank)
+                # parameters and fix the bucket order after the first iteration. It assumes every
+                # backward syncs: accumulation's no_sync micro-steps trip an internal assert.
+                static_graph=cfg.static_graph and cfg.grad_accum == 1)
+    register_comm_hook(model, cfg.comm_hook, cfg.powersgd_rank)
     return model
 
 
 def register_comm_hook(model: DDP, name: str, powersgd_rank: int = 4) -> None:
+    """"none" is the exact path: gradients are summed in fp32, so N ranks equal one process.
+    The others compress what is sent and therefore change the arithmetic of every step."""
     if name == "none":
         return
     if name == "bf16":
@@ -110,7 +117,7 @@ def register_comm_hook(model: DDP, name: str, powersgd_rank: int = 4) -> None:
                                             use_error_feedback=True, warm_start=True)
         model.register_comm_hook(state, _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
     else:
-        raise ValueError(f"unknown comm hook {name!r}; choose from {', '.join(COMM_HOOKS)}")
+        raise ValueError(f"unknown comm hook {name!r}")  # TrainConfig.validate() names the choices
 
 
 def _one_bucket_at_a_time(hook):

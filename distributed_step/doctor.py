@@ -7,7 +7,7 @@
 Every rank joins the group, then rank 0 prints one line per check: OK, or WARN with what to do.
 Checks: backend and device per rank, hosts, time to rendezvous, all-reduce bandwidth at the size
 of the model's gradients against what the link should give, /dev/shm, threads against cores,
-and whether every rank holds identical parameters after one real training step. The exit code
+whether the ranks of a host are pinned to disjoint cores, and whether every rank holds identical parameters after one real training step. The exit code
 is 1 when a check fails outright (replicas differ), else 0.
 """
 from __future__ import annotations
@@ -83,8 +83,10 @@ class Report:
         self.lines.append(f"FAIL  {text} -> {todo}")
 
 
-def _facts(env, cfg: TrainConfig, rendezvous_s: float) -> dict:
+def _facts(env, rendezvous_s: float) -> dict:
+    pinned = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {"rank": env.rank, "host": socket.gethostname(), "device": str(env.device), "backend": env.backend,
+            "pinned": pinned,
             "threads": torch.get_num_threads(), "cores": ddp.usable_cores(), "local_world": env.local_world_size,
             "rendezvous_s": rendezvous_s, "shm_bytes": _shm_bytes(),
             "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""}
@@ -117,8 +119,7 @@ def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
 
 
 def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
-    model = ddp.wrap(net, env, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph,
-                     bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook, powersgd_rank=cfg.powersgd_rank)
+    model = ddp.wrap(net, env, cfg)
     optimizer = sgd(net.parameters(), 0.1, 0.9, fused=cfg.fused_sgd)
     gen = torch.Generator().manual_seed(1000 + env.rank)  # each rank a different batch
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size, generator=gen).to(env.device)
@@ -135,8 +136,8 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
     env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, _default_device(local_rank))
     rendezvous_s = time.perf_counter() - began
     try:
-        ddp.set_threads(cfg.threads, env.local_world_size)
-        facts = all_gather_object(_facts(env, cfg, rendezvous_s), env)
+        ddp.place(cfg, env)  # as `train` would: threads and pinned cores
+        facts = all_gather_object(_facts(env, rendezvous_s), env)
         torch.manual_seed(cfg.seed)
         net = build_model(10, "none", False, False).to(env.device)
         numel = sum(p.numel() for p in net.parameters())
@@ -191,6 +192,12 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         line = f"{host}: {len(on_host)} rank(s) x {on_host[0]['threads']} thread(s) on {cores} core(s)"
         (report.ok(line) if used <= cores else
          report.warn(line, "oversubscribed: lower --threads or the ranks per node, or the all-reduce waits for a core"))
+        if len(on_host) > 1 and on_host[0]["pinned"]:
+            masks = [set(f["pinned"]) for f in on_host]
+            line = f"{host}: cores per rank {', '.join(str(sorted(m)) for m in masks)}"
+            shared = any(a & b for i, a in enumerate(masks) for b in masks[i + 1:])
+            (report.ok(line + " (disjoint)") if not shared or len(on_host) > cores else
+             report.warn(line + " (shared)", "keep --pin-cores on, unless other jobs use this node's cores too"))
     if len(set(digests)) == 1:
         report.ok(f"identical parameters on all {world_size} rank(s) after one training step")
     else:
@@ -203,8 +210,8 @@ def main(argv: list[str]) -> int:
     parser = OneLineErrorParser(prog="distributed-step doctor", argument_default=argparse.SUPPRESS,
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="all-reduces timed for the bandwidth (default: 5)")
-    add_config_flags(parser, ("backend", "timeout_s", "socket_ifname", "threads", "bucket_cap_mb", "static_graph",
-                              "bucket_view", "comm_hook", "powersgd_rank", "fused_sgd", "seed"))
+    add_config_flags(parser, ("backend", "timeout_s", "socket_ifname", "threads", "pin_cores", "bucket_cap_mb",
+                              "static_graph", "bucket_view", "comm_hook", "powersgd_rank", "fused_sgd", "seed"))
     args = vars(parser.parse_args(argv))
     repeats = args.pop("repeats")
     cfg = TrainConfig(image_size=32, **args).validate()

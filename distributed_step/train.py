@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
 from . import checkpoint as ckpt
 from . import ddp
 from .config import ConfigError, TrainConfig, save_yaml
@@ -91,8 +92,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     net = build_model(sets.num_classes, cfg.weights, cfg.small_input_stem, cfg.channels_last)
     env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, device)
     setup_logging(env)
-    ddp.set_threads(cfg.threads, env.local_world_size)
-    ddp.pin_cores(cfg.pin_cores, env.local_rank, env.local_world_size)
+    ddp.place(cfg, env)
     try:
         return _Run(cfg, env, sets, net, on_checkpoint).fit()
     finally:
@@ -146,12 +146,7 @@ class _Run:
         self.lr_used = cfg.lr * _lr_factor(cfg, self.total_steps)(0)
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
-        # DDP's static graph assumes every backward syncs; accumulation skips the sync (no_sync)
-        # on all micro-steps but the last, which trips an internal assert in its reducer.
-        self.model = ddp.wrap(self.net, env, bucket_cap_mb=cfg.bucket_cap_mb,
-                              static_graph=cfg.static_graph and cfg.grad_accum == 1,
-                              bucket_view=cfg.bucket_view, comm_hook=cfg.comm_hook,
-                              powersgd_rank=cfg.powersgd_rank)
+        self.model = ddp.wrap(self.net, env, cfg)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -33,6 +33,8 @@ def test_bench_breakdown_adds_up_to_the_measured_step(bench_records):
         assert 0 <= r["other_ms"] < 0.05 * r["step_ms"], r
         assert parts + r["other_ms"] == pytest.approx(r["step_ms"], abs=0.01)
         assert r["images_per_s"] == pytest.approx(4 * r["world_size"] / r["step_ms"] * 1e3, rel=1e-3)
+        # ResNet-18 at 32 px: ~0.22 GFLOP per training image, counted by torch's flop counter.
+        assert r["tflops"] == pytest.approx(r["images_per_s"] * 0.2173e9 / 1e12, rel=2e-3, abs=2e-4)
     assert "x bound" in table and table.count("\n") >= len(records)
 
 
@@ -86,6 +88,8 @@ def test_doctor_reports_every_check_and_flags_oversubscription():
     assert any(line.startswith("OK") and "all-reduce of 44.7 MB" in line for line in lines), lines
     assert any(line.startswith("OK") and "/dev/shm" in line for line in lines), lines
     assert any(line.startswith("OK") and "identical parameters on all 2 rank(s)" in line for line in lines), lines
+    # --pin-cores (the default, as in `train`) gives each rank its own core: [0], [1] here.
+    assert any(line.startswith("OK") and "cores per rank" in line and "(disjoint)" in line for line in lines), lines
     oversubscribed = any(line.startswith("WARN") and "oversubscribed" in line for line in lines)
     assert oversubscribed == (4 > len(os.sched_getaffinity(0))), lines
 
