@@ -9,7 +9,9 @@ does) on synthetic images, and the same step under `no_sync()`: no gradient all-
 the compute-only bound. Blocks of both modes, and of every variant of a sweep, are interleaved
 round by round in the same processes, so machine noise hits them alike. Each step is split into
 forward, backward (to the last gradient), exposed communication (the all-reduce time that
-backward did not hide), optimizer, and the rest; the parts add up to the step time.
+backward did not hide), optimizer, and the rest; the parts add up to the step time. `x bound`
+divides by the ranks' mean no-sync step; `x slowest` by the slowest rank's, which is what a
+synchronous step can reach at best, so it leaves out how unevenly the ranks compute.
 """
 from __future__ import annotations
 
@@ -212,6 +214,9 @@ def _records(plan: list[Variant], gathered: list, checks: list[dict], env: DistE
             fig["images_per_s"] = round(variant.cfg.global_batch_size / fig["step_ms"] * 1e3, 2)
             # Achieved arithmetic rate over all ranks: compare it with the hardware's peak.
             fig["tflops"] = round(fig["images_per_s"] * flops[variant.cfg.image_size] / 1e12, 4)
+            # A synchronous step cannot beat its slowest rank: without sync each rank runs at
+            # its own pace, so the mean bound also counts how unevenly the ranks compute.
+            fig["slowest_rank_ms"] = round(max(r["step_ms"] for r in per_rank), 3)
             by_mode[mode] = fig
         for mode, fig in by_mode.items():
             records.append({"variant": variant.label, "mode": mode, "world_size": env.world_size,
@@ -220,6 +225,8 @@ def _records(plan: list[Variant], gathered: list, checks: list[dict], env: DistE
                             "vs_bound": round(fig["step_ms"] / by_mode["nosync"]["step_ms"], 3),
                             # Medians resist the odd slow step of a shared machine: the headline.
                             "vs_bound_median": round(fig["step_ms_median"] / by_mode["nosync"]["step_ms_median"], 3),
+                            # Bound by the slowest rank's compute: what is left is communication.
+                            "vs_slowest_bound": round(fig["step_ms"] / by_mode["nosync"]["slowest_rank_ms"], 3),
                             **checks[i],
                             "config": {k: getattr(variant.cfg, k) for k in STEP_FLAGS}})
     return records
@@ -265,13 +272,13 @@ def spawn(args: dict, world_size: int) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     head = (f"{'world':>5} {'variant':<36} {'mode':<6} {'img/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} "
-            f"{'comm':>6} {'opt':>6} {'other':>6} {'x bound':>7} {'median':>7}")
+            f"{'comm':>6} {'opt':>6} {'other':>6} {'x bound':>7} {'median':>7} {'x slowest':>9}")
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['world_size']:>5} {r['variant'][:36]:<36} {r['mode']:<6} {r['images_per_s']:>8.1f} "
                      f"{r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['comm_ms']:>6.1f} "
                      f"{r['optimizer_ms']:>6.1f} {r['other_ms']:>6.1f} {r['vs_bound']:>7.3f} "
-                     f"{r['vs_bound_median']:>7.3f}")
+                     f"{r['vs_bound_median']:>7.3f} {r['vs_slowest_bound']:>9.3f}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,11 @@ def test_bench_breakdown_adds_up_to_the_measured_step(bench_records):
         # The phases are measured, not derived: what they leave out ("other") must be small.
         assert all(r[p] > 0 for p in ("forward_ms", "backward_ms", "optimizer_ms")), r
         assert 0 <= r["other_ms"] < 0.05 * r["step_ms"], r
+        # The slowest rank bounds a synchronous step: at least the mean, equal on one rank.
+        assert r["slowest_rank_ms"] >= r["step_ms"] - 0.01, r
+        assert r["vs_slowest_bound"] <= r["vs_bound"] + 0.001, r
+        if r["world_size"] == 1:
+            assert r["slowest_rank_ms"] == pytest.approx(r["step_ms"], abs=0.01), r
         assert parts + r["other_ms"] == pytest.approx(r["step_ms"], abs=0.01)
         assert r["images_per_s"] == pytest.approx(4 * r["world_size"] / r["step_ms"] * 1e3, rel=1e-3)
         # ResNet-18 at 32 px: ~0.22 GFLOP per training image, counted by torch's flop counter.
