@@ -7,8 +7,9 @@
 Every rank joins the group, then rank 0 prints one line per check: OK, or WARN with what to do.
 Checks: backend and device per rank, hosts, time to rendezvous, all-reduce bandwidth at the size
 of the model's gradients against what the link should give, /dev/shm, threads against cores,
-whether the ranks of a host are pinned to disjoint cores, and whether every rank holds identical parameters after one real training step. The exit code
-is 1 when a check fails outright (replicas differ), else 0.
+whether the ranks of a host are pinned to disjoint cores, and whether every rank holds
+identical parameters after one real training step. The exit code is 1 when a check fails
+outright (replicas differ), else 0.
 """
 from __future__ import annotations
 
