@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import ddp
-from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags
+from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags, field_type
 from .dist import (DistEnv, _default_device, all_gather_object, barrier, broadcast_params_, read_world, setup,
                    state_digest, teardown)
 from .model import build_model
@@ -74,16 +74,15 @@ class Variant:
 def _value(key: str, raw: str):
     if key == "batch_per_rank":
         return int(raw)
-    kind = next(f.type for f in dataclasses.fields(TrainConfig) if f.name == key)
-    kind = kind if isinstance(kind, str) else kind.__name__
-    if kind == "bool":
+    kind = field_type(key)
+    if kind is bool:
         if raw.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ConfigError(f"--sweep {key}: {raw!r} is not a boolean")
         return raw.lower() in ("true", "1", "on")
     try:
-        return {"int": int, "float": float, "str": str}[kind](raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"--sweep {key}: {raw!r} is not a {kind}") from None
+        raise ConfigError(f"--sweep {key}: {raw!r} is not a {kind.__name__}") from None
 
 
 def variants(args: dict, world_size: int) -> list[Variant]:

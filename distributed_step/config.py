@@ -136,6 +136,12 @@ def _field(name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
+def field_type(name: str) -> type:
+    """The Python type of a TrainConfig field (annotations are strings here)."""
+    kind = _field(name).type
+    return {"bool": bool, "int": int, "float": float, "str": str}[kind if isinstance(kind, str) else kind.__name__]
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -162,10 +168,10 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
             continue
         flag, meta = "--" + _flag(f.name), f.metadata
         help_text = f"{meta['help']} (default: {f.default})"
-        if f.type in (bool, "bool"):
+        kind = field_type(f.name)
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=None if meta["choices"] else kind.__name__.upper(),
                                 help=help_text)
 

@@ -9,7 +9,6 @@ gives images/s by world size and stacked phase bars for every variant and mode.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import defaultdict
@@ -28,6 +27,27 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, out_dir: str, name: str, written: list[str]) -> None:
+    target = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    written.append(target)
+
+
+def _stacked_phases(ax, x: list, rows: list[dict], **bar) -> None:
+    """One stacked bar per row, a segment per phase; "other" is what the phases leave of step_ms."""
+    bottom = [0.0] * len(rows)
+    for phase in PHASES:
+        if phase == "other":
+            values = [r.get("other_ms", max(0.0, r.get("step_ms", 0) - sum(r.get(f"{p}_ms", 0) for p in PHASES[:-1])))
+                      for r in rows]
+        else:
+            values = [r.get(f"{phase}_ms", 0.0) for r in rows]
+        ax.bar(x, values, bottom=bottom, color=COLORS[phase], label=phase, **bar)
+        bottom = [b + v for b, v in zip(bottom, values)]
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -60,15 +80,7 @@ def plot_run(run_dir: str, out_dir: str) -> list[str]:
         if final.get("eval_accuracy") is not None:
             evals.append({"step": final["steps"], "eval_accuracy": final["eval_accuracy"]})
     plt = _pyplot()
-    written = []
-
-    def save(fig, name: str) -> None:
-        target = os.path.join(out_dir, name)
-        fig.tight_layout()
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
-
+    written: list[str] = []
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     steps = [r["step"] for r in train]
     axes[0, 0].plot(steps, [r["loss"] for r in train])
@@ -80,22 +92,15 @@ def plot_run(run_dir: str, out_dir: str) -> list[str]:
     axes[1, 0].set(title="learning rate", xlabel="step")
     axes[1, 1].plot(steps, [r.get("images_per_s", float("nan")) for r in train])
     axes[1, 1].set(title="images/s (global)", xlabel="step", ylim=(0, None))
-    save(fig, "training.png")
+    _save(plt, fig, out_dir, "training.png", written)
 
     fig, ax = plt.subplots(figsize=(10, 4))
-    bottom = [0.0] * len(train)
-    for phase in PHASES:
-        if phase == "other":
-            values = [max(0.0, r.get("step_ms", 0) - sum(r.get(f"{p}_ms", 0) for p in PHASES[:-1])) for r in train]
-        else:
-            values = [r.get(f"{phase}_ms", 0.0) for r in train]
-        ax.bar(steps, values, bottom=bottom, color=COLORS[phase], label=phase,
-               width=max(1, (steps[-1] - steps[0]) / max(1, len(steps)) * 0.8) if len(steps) > 1 else 0.8)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked_phases(ax, steps, train,
+                    width=max(1, (steps[-1] - steps[0]) / max(1, len(steps)) * 0.8) if len(steps) > 1 else 0.8)
     ax.set(title="where each step's time goes (ms per step, rank 0, mean of each log window)", xlabel="step",
            ylabel="ms")
     ax.legend(loc="upper right", ncols=len(PHASES))
-    save(fig, "phases.png")
+    _save(plt, fig, out_dir, "phases.png", written)
     return written
 
 
@@ -106,7 +111,7 @@ def plot_bench(path: str, out_dir: str) -> list[str]:
         raise ConfigError(f"{path}: not a `distributed-step bench --json` file")
     plt = _pyplot()
     stem = os.path.splitext(os.path.basename(path))[0]
-    written = []
+    written: list[str] = []
 
     series = defaultdict(list)
     for r in rows:
@@ -120,27 +125,15 @@ def plot_bench(path: str, out_dir: str) -> list[str]:
     ax.set(title="training images/s by world size", xlabel="ranks", ylabel="images/s", ylim=(0, None))
     ax.set_xticks(sorted({r["world_size"] for r in rows}))
     ax.legend(fontsize="small")
-    target = os.path.join(out_dir, f"{stem}-throughput.png")
-    fig.tight_layout()
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    written.append(target)
+    _save(plt, fig, out_dir, f"{stem}-throughput.png", written)
 
     labels = [f"{r['world_size']}r {r['variant']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 5))
-    bottom = [0.0] * len(rows)
-    for phase in PHASES:
-        values = [r.get(f"{phase}_ms", 0.0) for r in rows]
-        ax.bar(range(len(rows)), values, bottom=bottom, color=COLORS[phase], label=phase)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked_phases(ax, list(range(len(rows))), rows)
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize="x-small")
     ax.set(title="step time by phase (ms, mean over ranks)", ylabel="ms per step")
     ax.legend()
-    target = os.path.join(out_dir, f"{stem}-phases.png")
-    fig.tight_layout()
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    written.append(target)
+    _save(plt, fig, out_dir, f"{stem}-phases.png", written)
     return written
 
 

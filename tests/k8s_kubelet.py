@@ -18,16 +18,15 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from k8s_operators import LOOPBACK, Network, Pod
-from k8s_render import ROOT, resource_field
+from conftest import BIN, ROOT
+from k8s_render import VAR_REF, config_maps, resource_field
 
-BIN = Path(sys.executable).parent
 RESTART_DELAY_S = 0.5  # the kubelet's crash-loop backoff starts at 10 s; nothing to gain by waiting here
 
 
@@ -43,7 +42,7 @@ def expand(text: str, env: dict[str, str]) -> str:
         if m.group(0) == "$$":
             return "$"
         return env.get(m.group(1), m.group(0))
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", one, text)
+    return re.sub(r"\$\$|" + VAR_REF, one, text)
 
 
 def replace_paths(text: str, mounts: dict[str, Path]) -> str:
@@ -108,7 +107,7 @@ class Node:
 
     def __init__(self, root: Path, objects: list[dict], net: Network, extra_env: dict | None = None):
         self.root, self.net, self.extra_env = root, net, extra_env or {}
-        self.config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+        self.config_maps = config_maps(objects)
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 

@@ -35,9 +35,9 @@ from __future__ import annotations
 import copy
 import math
 import re
-import socket
 from dataclasses import dataclass
 
+from conftest import free_port
 from k8s_render import quantity
 
 LOOPBACK = "127.0.0.1"
@@ -66,9 +66,7 @@ class Network:
         """The local port standing in for a served port (of one pod when the pods all serve it)."""
         port = (pod, port) if pod else port
         if port not in self.ports:
-            with socket.socket() as s:
-                s.bind((LOOPBACK, 0))
-                self.ports[port] = s.getsockname()[1]
+            self.ports[port] = free_port()
         return self.ports[port]
 
     def endpoint(self, name: str, port: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402  (one definition of the repository root)
 K8S = ROOT / "k8s"
 
 # Every folder a user may `kubectl apply -k`: the four ways to deploy (the PyTorchJob twice:
@@ -62,6 +62,10 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
 def workload(objects: list[dict]) -> dict:
     """The one object of a variant that runs training (everything else is config and volume)."""
     return next(o for o in objects if o["kind"] in ("Job", "PyTorchJob", "TrainJob", "RayJob"))
+
+
+# $(VAR) in a container's command, args or env: Kubernetes replaces a defined name, $$ escapes.
+VAR_REF = r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)"
 
 
 def config_maps(objects: list[dict]) -> dict[str, dict]:

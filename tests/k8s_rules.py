@@ -15,7 +15,7 @@ import re
 import shlex
 
 from k8s_operators import RUNTIME_CONTAINER, RUNTIME_JOB, pod_templates
-from k8s_render import ROOT, config_maps, quantity, workload
+from k8s_render import ROOT, VAR_REF, config_maps, quantity, workload
 
 # Names a controller adds to the containers' environment (see k8s_operators).
 INJECTED = {
@@ -70,7 +70,7 @@ def operator_errors(objects: list[dict]) -> list[str]:
     for where, template, _ in pod_templates(obj):  # $(VAR): Kubernetes leaves an unknown name as it is
         for c in template["spec"]["containers"]:
             known = set(env_of(c, maps)) | INJECTED[obj["kind"]]
-            for name in re.findall(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)", command_text(c)):
+            for name in re.findall(r"(?<!\$)" + VAR_REF, command_text(c)):
                 if name not in known:
                     errors.append(f"{where}: $({name}) is not defined in the container")
             if c.get("command", [])[:2] == ["/bin/sh", "-c"]:  # and $NAME in a shell script
@@ -127,10 +127,7 @@ def _trainjob(job: dict, objects: list[dict]) -> list[str]:
 
 
 def _rayjob(job: dict, objects: list[dict]) -> list[str]:
-    spec, errors = job["spec"], []
-    for key in ("backoffLimit", "activeDeadlineSeconds"):  # the submitter races the head
-        if key not in spec:
-            errors.append(f"spec.{key} unset")
+    spec, errors = job["spec"], []  # its backoffLimit and activeDeadlineSeconds: LIMITS below
     if "backoffLimit" not in spec.get("submitterConfig", {}):
         errors.append("spec.submitterConfig.backoffLimit unset")
     for i, group in enumerate(spec["rayClusterSpec"].get("workerGroupSpecs", [])):

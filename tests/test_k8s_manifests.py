@@ -180,7 +180,7 @@ def test_the_images_match_what_the_pods_expect():
             assert (context["runAsUser"], context["runAsGroup"]) == (1000, 1000)
 
 
-def test_closed_schemas_still_accept_the_open_parts(tmp_path):
+def test_closed_schemas_still_accept_the_open_parts():
     """Labels, annotations and ConfigMap data stay free-form once the schemas are closed."""
     objects = render("pytorchjob")
     needs_crds(objects)
