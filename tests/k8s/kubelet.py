@@ -1,6 +1,6 @@
 """The kubelet's and the controllers' part, on this machine: pods become local process trees.
 
-`Node` turns a pod (from k8s_operators) into a process: each volume becomes a directory (a
+`Node` turns a pod (from tests.k8s.operators) into a process: each volume becomes a directory (a
 ConfigMap's keys as files, one directory per PersistentVolumeClaim shared by every pod, an
 emptyDir per pod; the memory-backed /dev/shm is the host's own), every mount path in the
 command, args and env values is replaced by its directory, env is resolved as the kubelet does
@@ -23,9 +23,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from k8s_operators import LOOPBACK, Network, Pod
-from conftest import BIN, ROOT
-from k8s_render import VAR_REF, config_maps, resource_field
+from tests.k8s.operators import LOOPBACK, Network, Pod
+from tests.helpers import BIN, ROOT
+from tests.k8s.render import VAR_REF, config_maps, resource_field
 
 RESTART_DELAY_S = 0.5  # the kubelet's crash-loop backoff starts at 10 s; nothing to gain by waiting here
 

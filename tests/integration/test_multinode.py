@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
+from tests.helpers import ROOT, TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
 ADDRS = ("10.213.77.1", "10.213.77.2")  # only inside the namespaces this test creates

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from conftest import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
+from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.data import build_datasets
 from distributed_step.dist import state_digest

@@ -37,8 +37,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from conftest import free_port
-from k8s_render import quantity
+from tests.helpers import free_port
+from tests.k8s.render import quantity
 
 LOOPBACK = "127.0.0.1"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"

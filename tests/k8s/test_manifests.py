@@ -3,7 +3,7 @@ renders, every object passes strict validation (Kubernetes' own schemas for buil
 operators' CRDs in ../shared/k8s-schemas for the custom ones), and the rules no schema holds are
 kept. A typo or a broken rule must be reported, so each check is also shown failing.
 
-No training process is started here: tests/test_k8s_pods.py runs the pods.
+No training process is started here: tests/k8s/test_pods.py runs the pods.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import re
 import pytest
 import yaml
 
-from k8s_operators import pod_templates
-from k8s_render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, kubectl, render, schema_dir, workload
-from k8s_rules import house_errors, operator_errors
-from k8s_validate import schema_errors
+from tests.k8s.operators import pod_templates
+from tests.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, kubectl, render, schema_dir, workload
+from tests.k8s.rules import house_errors, operator_errors
+from tests.k8s.validate import schema_errors
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (with kustomize) is not installed")
 

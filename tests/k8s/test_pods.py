@@ -1,7 +1,7 @@
 """The pods' commands really run: each CPU variant, rendered as `kubectl apply -k` would create
-it, becomes local processes with what the operator injects (k8s_operators: the training
+it, becomes local processes with what the operator injects (tests.k8s.operators: the training
 operator's, the Trainer's, the Job controller's and KubeRay's behaviour, read from their
-sources) and what the kubelet resolves (k8s_kubelet: volumes as directories, env, $(VAR)).
+sources) and what the kubelet resolves (tests.k8s.kubelet: volumes as directories, env, $(VAR)).
 Each pod is a process tree; DNS names map to 127.0.0.1. The only edits are ones a user could
 make: the ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS
 follows), and the elastic PyTorchJob's maxReplicas becomes the 2 pods it runs.
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, metrics, summary
-from k8s_kubelet import Node, Outcome, run_rayjob, run_until_done
-from k8s_operators import Network, indexed_job_pods, pytorchjob_pods, rayjob_pods, trainjob_pods
-from k8s_render import find, kubectl, render, workload
+from tests.helpers import TINY, metrics, summary
+from tests.k8s.kubelet import Node, Outcome, run_rayjob, run_until_done
+from tests.k8s.operators import Network, indexed_job_pods, pytorchjob_pods, rayjob_pods, trainjob_pods
+from tests.k8s.render import find, kubectl, render, workload
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (with kustomize) is not installed")
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, child_env, free_port, python_cmd, torchrun_cmd
+from tests.helpers import BIN, ROOT, TINY, child_env, free_port, python_cmd, torchrun_cmd
 
 CASES = {
     # name: (command, extra env, text every failing rank must print)

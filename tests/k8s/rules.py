@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import shlex
 
-from k8s_operators import RUNTIME_CONTAINER, RUNTIME_JOB, pod_templates
-from k8s_render import ROOT, VAR_REF, config_maps, quantity, workload
+from tests.k8s.operators import RUNTIME_CONTAINER, RUNTIME_JOB, pod_templates
+from tests.k8s.render import ROOT, VAR_REF, config_maps, quantity, workload
 
-# Names a controller adds to the containers' environment (see k8s_operators).
+# Names a controller adds to the containers' environment (see tests.k8s.operators).
 INJECTED = {
     "Job": {"JOB_COMPLETION_INDEX", "HOSTNAME"},
     "PyTorchJob": {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PYTHONUNBUFFERED", "HOSTNAME",

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, child_env, free_port, load_weights, run, run_ok, summary, torchrun_cmd
+from tests.helpers import BIN, ROOT, TINY, child_env, free_port, load_weights, run, run_ok, summary, torchrun_cmd
 
 pytest.importorskip("ray", reason='Ray is not installed (pip install "distributed-step[ray]")')
 

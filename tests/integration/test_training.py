@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import (TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary,
+from tests.helpers import (TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary,
                       torchrun_cmd)
 from distributed_step.dist import state_digest
 

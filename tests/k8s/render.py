@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT  # noqa: E402  (one definition of the repository root)
+from tests.helpers import ROOT  # noqa: E402  (one definition of the repository root)
 K8S = ROOT / "k8s"
 
 # Every folder a user may `kubectl apply -k`: the four ways to deploy (the PyTorchJob twice:

@@ -17,8 +17,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from k8s_operators import pod_templates
-from k8s_render import K8S_VERSION, schema_dir
+from tests.k8s.operators import pod_templates
+from tests.k8s.render import K8S_VERSION, schema_dir
 
 BUILT_IN_GROUPS = ("v1", "batch/v1", "apps/v1", "policy/v1", "networking.k8s.io/v1")
 

@@ -1,0 +1,67 @@
+"""Shared by the three test rooms (unit, integration, k8s). Helpers to start real training processes (torchrun or plain python) and read what they leave."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Small and fast: 32 px images, 3 steps per epoch, a handful of steps.
+TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--global-batch-size", "16",
+        "--image-size", "32", "--warmup-steps", "0", "--log-every", "1"]
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                    "MASTER_", "TORCHELASTIC"))}
+    # torchrun's shared rendezvous store keeps the last attempt's gloo addresses, so restarted
+    # workers hang connecting to dead peers (pytorch/pytorch#135712): we document this setting.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+    return env
+
+
+def torchrun_cmd(nproc: int, args: list[str], *torchrun_flags: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *torchrun_flags,
+            "-m", "distributed_step", "train", *args]
+
+
+def python_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "distributed_step", "train", *args]
+
+
+def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def run_ok(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    proc = run(cmd, timeout, **kw)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.output[-4000:]}"
+    return proc
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def load_weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
