@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(rest)  # flag errors exit 2 here, before torch is even imported
     except ConfigError as exc:
         return _fail(str(exc), 2)
+    from .dist import RendezvousError
     from .train import TrainingError, train
 
     try:
         train(config)
-    except ConfigError as exc:
+    except ConfigError as exc:  # bad input: the message names the flag, path or variable
         return _fail(str(exc), 2)
-    except TrainingError as exc:
+    except (TrainingError, RendezvousError) as exc:  # the run or the network failed, not the input
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

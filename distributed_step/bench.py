@@ -27,12 +27,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from . import ddp
+from . import ddp, placement
 from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags, field_type
-from .dist import (DistEnv, _default_device, all_gather_object, barrier, broadcast_params_, read_world, setup,
-                   state_digest, teardown)
+from .dist import DistEnv, all_gather_object, barrier, broadcast_params_, detect, setup, state_digest, teardown
 from .model import build_model
-from .step import PhaseClock, sgd, train_step
+from .step import PhaseClock, amp, sgd, train_step
 
 # The TrainConfig fields that shape the step; the bench takes them as flags and sweeps them.
 STEP_FLAGS = ("image_size", "global_batch_size", "channels_last", "precision", "compile", "bucket_cap_mb",
@@ -119,7 +118,7 @@ class _Bench:
     def __init__(self, variant: Variant, env: DistEnv):
         cfg, self.env, self.variant = variant.cfg, env, variant
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.net = build_model(10, "none", False, cfg.channels_last).to(env.device)
+        self.net = build_model(10, channels_last=cfg.channels_last).to(env.device)
         self.ddp = ddp.wrap(self.net, env, cfg)
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd)
@@ -129,15 +128,14 @@ class _Bench:
         if cfg.channels_last:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(10, (n,), generator=gen).to(env.device)
-        self.precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.precision, self.scaler = amp(cfg.precision, env.device)
         self.clock = PhaseClock(env.device)
         self.clock.watch_gradients(self.net)
         self.loss_fn = nn.CrossEntropyLoss()
         self.records: dict[str, list[dict]] = {"sync": [], "nosync": []}
 
     def run(self, mode: str, steps: int, record: bool) -> None:
-        ddp.place(self.variant.cfg, self.env)
+        placement.place(self.variant.cfg, self.env)
         barrier(self.env)  # blocks start together, so no rank's wait is counted as work
         cuda = self.env.device.type == "cuda"
         for _ in range(steps):
@@ -177,10 +175,9 @@ class _Bench:
 
 def run_rank(args: dict) -> list[dict] | None:
     """Measure every variant on this rank; rank 0 returns the records (the others None)."""
-    rank, local_rank, world_size, _ = read_world()
-    device = _default_device(local_rank)
-    plan = variants(args, world_size)
-    env = setup(plan[0].cfg.backend, 300.0, "", device)
+    world = detect()
+    plan = variants(args, world.world_size)
+    env = setup(world, plan[0].cfg.backend)
     try:
         benches = [_Bench(v, env) for v in plan]
         for bench in benches:
@@ -235,7 +232,7 @@ def flop_per_image(image_size: int) -> float:
     """Floating-point operations of one training image (forward + backward), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = build_model(10, "none", False, False)
+    net = build_model(10)
     counter = FlopCounterMode(display=False)
     with counter:  # two images: BatchNorm refuses to train on one
         nn.functional.cross_entropy(net(torch.randn(2, 3, image_size, image_size)), torch.tensor([0, 1])).backward()
@@ -308,8 +305,7 @@ def main(argv: list[str]) -> int:
     print(format_table(records), flush=True)
     if args["json"]:
         with open(args["json"], "a") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
+            fh.writelines(json.dumps(record) + "\n" for record in records)
     return 0
 
 

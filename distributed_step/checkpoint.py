@@ -14,7 +14,10 @@ import torch
 log = logging.getLogger("distributed_step")
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "batches_in_epoch", "global_batch_size")
+# Every key a checkpoint holds: what train's _Run.state_dict() writes and load_state_dict()
+# reads (tests/unit/test_run_state.py fails when the three drift apart).
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batches_in_epoch",
+                 "global_batch_size", "world_size", "rng", "config", "last_loss")
 
 
 def checkpoint_dir(out: str) -> str:
@@ -94,3 +97,20 @@ def set_aside_newer(out: str, step: int) -> list[str]:
             os.replace(path, path + ".stale")
             moved.append(path)
     return moved
+
+
+def choose(out: str, resume: str) -> tuple[str | None, str | None]:
+    """(checkpoint to resume from or None, error or None) for --resume auto | never | PATH.
+    Rank 0 calls this; checkpoints newer than the chosen one are set aside first."""
+    if resume == "never":
+        path, step = None, 0
+    elif resume == "auto":
+        step, path = find_newest_valid(out) or (0, None)
+    else:
+        try:
+            path, step = resume, load_checkpoint(resume)["step"]
+        except ValueError as exc:
+            return None, f"--resume: {exc}"
+    for moved in set_aside_newer(out, step):
+        log.warning("set aside %s: newer than step %d, where this run starts", moved, step)
+    return path, None

@@ -22,8 +22,9 @@ class ConfigError(ValueError):
     """A bad flag, path or combination; the message names what to change."""
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: tuple | None = None, debug: bool = False) -> Any:
+    """A field with its flag's help; `debug` fields work as flags but stay out of --help."""
+    return field(default=default, metadata={"help": help, "choices": choices, "debug": debug})
 
 
 @dataclass
@@ -76,11 +77,12 @@ class TrainConfig:
                           "the math (fewer bytes sent, a slightly different update)",
                           ("none", "bf16", "fp16", "powersgd"))
     powersgd_rank: int = _opt(4, "rank of PowerSGD's low-rank gradient approximation (--comm-hook powersgd)")
-    # Fault injection
-    fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)")
+    # Debugging (hidden from --help): fault injection for the tests and for drills
+    fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)",
+                                  debug=True)
 
     # --- checks -----------------------------------------------------------------------------
-    def validate(self, world_size: int = 1) -> "TrainConfig":
+    def validate(self, world_size: int = 1) -> TrainConfig:
         """Raise ConfigError naming the flag; checks that need no collective and no data."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -167,7 +169,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
         if names is not None and f.name not in names:
             continue
         flag, meta = "--" + _flag(f.name), f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = argparse.SUPPRESS if meta["debug"] else f"{meta['help']} (default: {f.default})"
         kind = field_type(f.name)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -119,7 +119,8 @@ def _digits(image_size: int) -> Datasets:
 
 
 def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(train_dir):
@@ -140,7 +141,8 @@ def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
 
 
 def _cifar10(root: str, cfg: TrainConfig) -> Datasets:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     size = cfg.image_size
     resize = [] if size == 32 else [T.Resize(size)]

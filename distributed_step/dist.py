@@ -21,13 +21,24 @@ import torch.distributed as dist
 from .config import ConfigError
 
 
+class RendezvousError(RuntimeError):
+    """The process group could not be formed in time: a peer, a port or a network problem (not
+    bad input). The message names the address and the timeout."""
+
+
 @dataclass(frozen=True)
-class DistEnv:
+class World:
+    """Who this process is, from the launcher's environment (or the group Ray already made)."""
     rank: int
     local_rank: int
     world_size: int
     local_world_size: int
     device: torch.device
+
+
+@dataclass(frozen=True)
+class DistEnv(World):
+    """The world once joined: the backend in use, and whether setup() created the group."""
     backend: str
     owns_group: bool  # True when setup() created the group (so teardown() destroys it)
 
@@ -50,15 +61,20 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def read_world() -> tuple[int, int, int, int]:
-    """(rank, local_rank, world_size, local_world_size) from the launcher's environment."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
-    if not 0 <= rank < world_size:
+def detect(device: torch.device | None = None) -> World:
+    """This process's place in the job. Reads RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE;
+    a group that already exists (Ray Train makes its own) has the last word on rank and size.
+    `device` overrides the default: cuda:LOCAL_RANK when there are GPUs, else the CPU."""
+    world_size, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    local_rank, local_world_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    elif not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    return rank, local_rank, world_size, local_world_size
+    if device is None:
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    return World(rank, local_rank, world_size, local_world_size, device)
 
 
 def choose_backend(requested: str, cuda: bool) -> str:
@@ -69,15 +85,11 @@ def choose_backend(requested: str, cuda: bool) -> str:
     return requested
 
 
-def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = "",
-          device: torch.device | None = None) -> DistEnv:
-    """Join (or adopt) the process group. Safe to call when a group exists already (Ray)."""
-    rank, local_rank, world_size, local_world_size = read_world()
+def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = "") -> DistEnv:
+    """Join the process group of `world`, or adopt the one that exists (Ray). Safe to call twice."""
+    rank, world_size, device = world.rank, world.world_size, world.device
     if dist.is_available() and dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = device or _default_device(local_rank)
-        return DistEnv(rank, local_rank, world_size, local_world_size, device, dist.get_backend(), False)
-    device = device or _default_device(local_rank)
+        return DistEnv(**vars(world), backend=dist.get_backend(), owns_group=False)
     backend = choose_backend(backend, device.type == "cuda")
     if socket_ifname:
         # Gloo advertises the address the hostname resolves to; on many hosts that is 127.0.0.1,
@@ -85,7 +97,7 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", socket_ifname)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", socket_ifname)
     if world_size == 1:
-        return DistEnv(0, 0, 1, 1, device, backend, False)
+        return DistEnv(**vars(world), backend=backend, owns_group=False)
     if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and rank == 0):
         # Restarted workers read the previous attempt's addresses from torchrun's shared store
@@ -107,10 +119,10 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, socket_ifname: str = 
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(
+        raise RendezvousError(
             f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "
             f"--timeout-s {timeout_s:g} ({str(exc).splitlines()[0][:200]})") from None
-    return DistEnv(rank, local_rank, world_size, local_world_size, device, backend, True)
+    return DistEnv(**vars(world), backend=backend, owns_group=True)
 
 
 def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:
@@ -122,16 +134,12 @@ def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:
             with socket.create_connection((addr, int(port)), timeout=min(2.0, timeout_s)):
                 return
         except (OSError, ValueError) as exc:
-            if time.monotonic() >= deadline or isinstance(exc, ValueError):
-                raise ConfigError(f"no rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} within --timeout-s "
+            if isinstance(exc, ValueError):
+                raise ConfigError(f"MASTER_PORT={port} is not a port number") from None
+            if time.monotonic() >= deadline:
+                raise RendezvousError(f"no rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} within --timeout-s "
                                   f"{timeout_s:g} ({exc}); check the address, the port and the firewall") from None
             time.sleep(0.2)
-
-
-def _default_device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def teardown(env: DistEnv) -> None:

@@ -21,9 +21,9 @@ import time
 import torch
 from torch import nn
 
-from . import ddp
+from . import ddp, placement
 from .config import OneLineErrorParser, TrainConfig, add_config_flags
-from .dist import _default_device, all_gather_object, barrier, read_world, setup, state_digest, teardown
+from .dist import all_gather_object, barrier, detect, setup, state_digest, teardown
 from .model import build_model
 from .step import PhaseClock, sgd, train_step
 
@@ -88,7 +88,7 @@ def _facts(env, rendezvous_s: float) -> dict:
     pinned = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {"rank": env.rank, "host": socket.gethostname(), "device": str(env.device), "backend": env.backend,
             "pinned": pinned,
-            "threads": torch.get_num_threads(), "cores": ddp.usable_cores(), "local_world": env.local_world_size,
+            "threads": torch.get_num_threads(), "cores": placement.usable_cores(), "local_world": env.local_world_size,
             "rendezvous_s": rendezvous_s, "shm_bytes": _shm_bytes(),
             "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else ""}
 
@@ -132,15 +132,15 @@ def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
 
 
 def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
-    rank, local_rank, world_size, _ = read_world()
+    world = detect()
     began = time.perf_counter()
-    env = setup(cfg.backend, cfg.timeout_s, cfg.socket_ifname, _default_device(local_rank))
+    env = setup(world, cfg.backend, cfg.timeout_s, cfg.socket_ifname)
     rendezvous_s = time.perf_counter() - began
     try:
-        ddp.place(cfg, env)  # as `train` would: threads and pinned cores
+        placement.place(cfg, env)  # as `train` would: threads and pinned cores
         facts = all_gather_object(_facts(env, rendezvous_s), env)
         torch.manual_seed(cfg.seed)
-        net = build_model(10, "none", False, False).to(env.device)
+        net = build_model(10).to(env.device)
         numel = sum(p.numel() for p in net.parameters())
         timing = _bandwidth(env, numel, repeats) if env.distributed else None
         digests = all_gather_object(_one_step_digest(env, cfg, net), env)
@@ -150,7 +150,7 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         return None
     report = Report()
     hosts = sorted({f["host"] for f in facts})
-    report.ok(f"{world_size} rank(s) on {len(hosts)} host(s): {', '.join(hosts)}; backend {env.backend}")
+    report.ok(f"{env.world_size} rank(s) on {len(hosts)} host(s): {', '.join(hosts)}; backend {env.backend}")
     for f in facts:
         where = f"rank {f['rank']} on {f['host']}: {f['device']}{' (' + f['gpu'] + ')' if f['gpu'] else ''}"
         if env.backend == "nccl" and f["device"] == "cpu":
@@ -200,7 +200,7 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
             (report.ok(line + " (disjoint)") if not shared or len(on_host) > cores else
              report.warn(line + " (shared)", "keep --pin-cores on, unless other jobs use this node's cores too"))
     if len(set(digests)) == 1:
-        report.ok(f"identical parameters on all {world_size} rank(s) after one training step")
+        report.ok(f"identical parameters on all {env.world_size} rank(s) after one training step")
     else:
         report.fail(f"parameters differ between ranks after one step ({len(set(digests))} versions)",
                     "ranks are not training the same model: check that every rank runs the same code and flags")

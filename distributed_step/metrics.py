@@ -101,16 +101,31 @@ def _step_of(line: str) -> int | None:
 
 
 class Throughput:
-    """Global images per second over timed steps (warmup steps, evaluation and checkpoints excluded)."""
+    """Seconds of training steps (waiting for data, the step, the stop/NaN flags; not evaluation
+    or saving): per log window, and over the run after the warm-up steps (images per second)."""
 
     def __init__(self, warmup_steps: int = 3):
         self.warmup, self.seen, self.images, self.seconds = warmup_steps, 0, 0, 0.0
+        self.window_steps, self.window_seconds = 0, 0.0
+        self._began = 0.0
 
-    def add(self, images: int, seconds: float) -> None:
+    def begin(self) -> None:
+        """A step starts: before its batch is fetched, so waiting for data counts."""
+        self._began = time.perf_counter()
+
+    def end(self, images: int) -> None:
+        seconds = time.perf_counter() - self._began
+        self.window_steps, self.window_seconds = self.window_steps + 1, self.window_seconds + seconds
         self.seen += 1
         if self.seen > self.warmup:
             self.images += images
             self.seconds += seconds
+
+    def take_window(self) -> tuple[int, float]:
+        """(steps, seconds) since the last call."""
+        window = self.window_steps, self.window_seconds
+        self.window_steps, self.window_seconds = 0, 0.0
+        return window
 
     @property
     def images_per_s(self) -> float | None:

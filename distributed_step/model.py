@@ -10,7 +10,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 from .config import ConfigError
 
 
-def build_model(num_classes: int, weights: str = "none", small_input_stem: bool = False,
+def build_model(num_classes: int, *, weights: str = "none", small_input_stem: bool = False,
                 channels_last: bool = False) -> nn.Module:
     """SyncBatchNorm is a distribution concern: see syncbn.convert_sync_batchnorm."""
     model = _with_weights(weights, num_classes)

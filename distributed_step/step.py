@@ -2,11 +2,14 @@
 still running) -> SGD step. No I/O, no rank checks: the same code runs on 1 or N ranks."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+from .config import ConfigError
 
 
 class PhaseClock:
@@ -85,6 +88,29 @@ class PhaseClock:
         out = {phase: seconds * 1e3 for phase, seconds in self.totals.items()}
         self.totals = {}
         return out
+
+
+def amp(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype, gradient scaler) for --precision: fp16 needs a scaler (its gradients
+    underflow without one), bf16 has fp32's range and needs none, fp32 runs without autocast."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs CUDA (its GradScaler); use --precision bf16 or fp32 on CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
+    """The multiplier of --lr at each step: linear warmup from 0, then cosine, step or constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "step":
+            return 0.1 ** int(progress * 3)  # /10 at one third and at two thirds of the run
+        return 1.0
+    return factor
 
 
 def sgd(params, lr: float, momentum: float, weight_decay: float = 0.0, nesterov: bool = False,

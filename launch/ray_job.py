@@ -16,11 +16,9 @@ import os
 import socket
 import sys
 
-# `ray job submit --working-dir .` runs this file from an unpacked copy of the repository:
-# make the package importable there even when it is not installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from distributed_step.config import ConfigError, parse_args  # noqa: E402  (no torch import)
+# No sys.path edit: under `ray job submit --working-dir .` Ray puts the working directory first
+# on PYTHONPATH (ray/_private/runtime_env/working_dir.py), and elsewhere the package is installed.
+from distributed_step.config import ConfigError, parse_args  # no torch import: flag errors are instant
 
 RAY_MISSING = 'Ray is not installed: pip install "distributed-step[ray]"'
 

@@ -36,7 +36,7 @@ def python_cmd(args: list[str]) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("env", child_env())
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc
 

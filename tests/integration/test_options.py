@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.data import build_datasets
 from distributed_step.dist import state_digest
 from distributed_step.model import build_model
+from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
 
 def make_image_folder(root, classes=3, per_class=12, size=40):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, BIN, child_env, run, run_ok, summary, torchrun_cmd
+from tests.helpers import BIN, ROOT, child_env, run, run_ok, summary, torchrun_cmd
 
 PHASES = ("forward_ms", "backward_ms", "comm_ms", "optimizer_ms")
 

@@ -9,8 +9,9 @@ from distributed_step import checkpoint as ckpt
 
 
 def state(step):
-    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "step": step,
-            "epoch": 0, "batches_in_epoch": step, "global_batch_size": 8}
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": None,
+            "step": step, "epoch": 0, "batches_in_epoch": step, "global_batch_size": 8, "world_size": 1,
+            "rng": {}, "config": {}, "last_loss": None}
 
 
 def test_keeps_the_newest_k_and_leaves_no_temp_files(tmp_path):

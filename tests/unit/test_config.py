@@ -56,10 +56,13 @@ def test_unknown_flag_is_one_line_naming_it(capsys):
     assert err.count("\n") == 1 and "--learning-rate" in err
 
 
-def test_every_field_has_a_flag_and_help():
+def test_every_field_has_a_flag_and_help_but_debug_flags_stay_hidden():
     help_text = build_parser().format_help()
-    for name in TrainConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in help_text
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        assert (flag not in help_text) if f.metadata["debug"] else (flag in help_text), flag
+    assert "--fail-once-at-step" not in help_text
+    assert parse_args(["--fail-once-at-step", "5"]).fail_once_at_step == 5  # hidden, not gone
 
 
 def test_epochs_flag_wins_over_yaml_steps_and_run_facts_are_ignored(tmp_path):

@@ -1,9 +1,17 @@
 """Data order, sharding and held-out splits, checked in-process (no process group needed)."""
+import itertools
+
 import torch
 
 from distributed_step.config import TrainConfig
-from distributed_step.data import (DIGITS_HELD_OUT, SYNTHETIC_HELD_OUT, ResumableSampler, SyntheticImages,
-                                   build_datasets, held_out_loader)
+from distributed_step.data import (
+    DIGITS_HELD_OUT,
+    SYNTHETIC_HELD_OUT,
+    ResumableSampler,
+    SyntheticImages,
+    build_datasets,
+    held_out_loader,
+)
 
 
 def global_batches(dataset, world, batch, epoch, skip=0):
@@ -14,7 +22,7 @@ def global_batches(dataset, world, batch, epoch, skip=0):
         sampler.set_position(epoch, skip)
         idx = list(sampler)
         shards.append([idx[i:i + batch // world] for i in range(0, len(idx) - batch // world + 1, batch // world)])
-    return [sorted(sum((s[k] for s in shards), [])) for k in range(len(shards[0]))]
+    return [sorted(itertools.chain.from_iterable(s[k] for s in shards)) for k in range(len(shards[0]))]
 
 
 def test_global_batch_is_the_same_whatever_the_world_size():

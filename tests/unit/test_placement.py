@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from distributed_step import ddp
+from distributed_step import placement
 
-CORES = sorted(ddp._STARTING_CORES)
+CORES = sorted(placement.STARTING_CORES)
 
 
 @pytest.fixture
@@ -15,37 +15,37 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    ddp.pin_cores(False, 0, 1)
+    placement.pin_cores(False, 0, 1)
 
 
 def test_a_cgroup_cpu_quota_caps_the_usable_cores(tmp_path, monkeypatch):
     quota = tmp_path / "cpu.max"
-    monkeypatch.setattr(ddp, "CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(placement, "CGROUP_CPU_MAX", str(quota))
     quota.write_text("max 100000\n")
-    assert ddp.usable_cores() == len(CORES)
+    assert placement.usable_cores() == len(CORES)
     quota.write_text("150000 100000\n")  # a 1.5-CPU pod limit
-    assert ddp.usable_cores() == 1
-    monkeypatch.setattr(ddp, "CGROUP_CPU_MAX", str(tmp_path / "absent"))
-    assert ddp.usable_cores() == len(CORES)
+    assert placement.usable_cores() == 1
+    monkeypatch.setattr(placement, "CGROUP_CPU_MAX", str(tmp_path / "absent"))
+    assert placement.usable_cores() == len(CORES)
 
 
 def test_auto_threads_split_the_cores_and_never_exceed_omp_num_threads(monkeypatch, restore_threads):
-    monkeypatch.setattr(ddp, "CGROUP_CPU_MAX", "/nonexistent")
+    monkeypatch.setattr(placement, "CGROUP_CPU_MAX", "/nonexistent")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert ddp.set_threads(0, 1) == len(CORES) == torch.get_num_threads()
-    assert ddp.set_threads(0, 2 * len(CORES)) == 1  # more ranks than cores: one thread each
+    assert placement.set_threads(0, 1) == len(CORES) == torch.get_num_threads()
+    assert placement.set_threads(0, 2 * len(CORES)) == 1  # more ranks than cores: one thread each
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun exports for several ranks
-    assert ddp.set_threads(0, 1) == 1
-    assert ddp.set_threads(3, 1) == 3 == torch.get_num_threads()  # an explicit --threads wins
+    assert placement.set_threads(0, 1) == 1
+    assert placement.set_threads(3, 1) == 3 == torch.get_num_threads()  # an explicit --threads wins
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(CORES) < 2, reason="needs 2 cores and affinity")
 def test_pinning_gives_each_local_rank_its_own_cores_then_releases_them(restore_threads):
     masks = []
     for rank in range(2):
-        ddp.pin_cores(True, rank, 2)
+        placement.pin_cores(True, rank, 2)
         masks.append(os.sched_getaffinity(0))
     assert masks[0] and masks[1] and not masks[0] & masks[1]
     assert masks[0] | masks[1] <= set(CORES)
-    ddp.pin_cores(False, 0, 2)
+    placement.pin_cores(False, 0, 2)
     assert sorted(os.sched_getaffinity(0)) == CORES
