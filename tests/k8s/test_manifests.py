@@ -1,6 +1,6 @@
 """The Kubernetes manifests, offline and without a cluster: every `kubectl apply -k k8s/<variant>`
 renders, every object passes strict validation (Kubernetes' own schemas for built-in kinds, the
-operators' CRDs in ../shared/k8s-schemas for the custom ones), and the rules no schema holds are
+operators' CRDs from `make k8s-schemas` for the custom ones), and the rules no schema holds are
 kept. A typo or a broken rule must be reported, so each check is also shown failing.
 
 No training process is started here: tests/k8s/test_pods.py runs the pods.
@@ -13,18 +13,17 @@ import pytest
 import yaml
 
 from tests.k8s.operators import pod_templates
-from tests.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, kubectl, render, schema_dir, workload
+from tests.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, need_schemas, render, workload
 from tests.k8s.rules import house_errors, operator_errors
 from tests.k8s.validate import schema_errors
 
-pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (with kustomize) is not installed")
-
+# Every test that renders needs kubectl: render() skips it without one (fails it under CI).
 CUSTOM = {"PyTorchJob", "TrainJob", "RayJob"}
 
 
 def needs_crds(objects: list[dict]) -> None:
-    if workload(objects)["kind"] in CUSTOM and not schema_dir().is_dir():
-        pytest.skip(f"CRD schemas not found at {schema_dir()} (set DS_K8S_SCHEMAS to their folder)")
+    if workload(objects)["kind"] in CUSTOM:
+        need_schemas()
 
 
 def test_every_kustomization_is_a_tested_variant_or_a_component():

@@ -25,9 +25,7 @@ import yaml
 from tests.helpers import TINY, metrics, summary
 from tests.k8s.kubelet import Node, Outcome, run_rayjob, run_until_done
 from tests.k8s.operators import Network, indexed_job_pods, pytorchjob_pods, rayjob_pods, trainjob_pods
-from tests.k8s.render import find, kubectl, render, workload
-
-pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (with kustomize) is not installed")
+from tests.k8s.render import find, need_kubectl, render, workload
 
 STEPS = 6
 # conftest's TINY flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
@@ -129,6 +127,7 @@ PLANS = {  # variant -> how it runs; the longest first
 def runs(tmp_path_factory) -> dict:
     """Every variant's run, three at a time: much of a run is waiting (rendezvous, restarts,
     Ray's start), so several share even a 2-core machine without slowing each other much."""
+    need_kubectl()  # before any thread starts: every test here skips (or, under CI, fails) at once
     roots = {v: tmp_path_factory.mktemp("k8s-" + v.replace("/", "-")) for v in PLANS}
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {v: pool.submit(plan, roots[v]) for v, plan in PLANS.items()}

@@ -3,9 +3,9 @@
 Built-in kinds (Job, Service, ConfigMap, PVC, and every pod template a custom resource holds,
 as a core/v1 PodTemplate) go through kubernetes-validate with its strict schemas, which refuse
 unknown fields. Custom resources go through the JSON schema of their CustomResourceDefinition
-(../shared/k8s-schemas), closed first: the published schemas accept unknown fields, so every
-object schema that lists its properties, and does not say otherwise, is made to refuse others.
-Without that, a typo such as `backofLimit` would pass silently.
+(`make k8s-schemas`, found by render.schema_dir), closed first: the published schemas accept
+unknown fields, so every object schema that lists its properties, and does not say otherwise, is
+made to refuse others. Without that, a typo such as `backofLimit` would pass silently.
 """
 from __future__ import annotations
 
