@@ -4,12 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean k8s-schemas
+.PHONY: demo test test-fast lint venv clean k8s-schemas
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares the torch range we support; constraints.txt pins the exact versions
+# that make and CI install, so every run here is reproducible.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,8 +21,16 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
 
-test: $(STAMP)
+# The whole suite (what CI runs): lint, then unit, integration (real processes) and k8s tests.
+test: lint
 	$(PY) -m pytest -q tests
+
+# The inner loop while editing: lint and the in-process unit tests, well under a minute.
+test-fast: lint
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The operators' CRDs for the strict-schema tests of k8s/ (tests/k8s): downloaded at the tags in
 # k8s/crds.json, sha256-checked, into .k8s-schemas/ (git-ignored). Standard library: no .venv needed.

@@ -35,7 +35,8 @@ from .step import PhaseClock, amp, sgd, train_step
 
 # The TrainConfig fields that shape the step; the bench takes them as flags and sweeps them.
 STEP_FLAGS = ("image_size", "global_batch_size", "channels_last", "precision", "compile", "bucket_cap_mb",
-              "static_graph", "bucket_view", "threads", "pin_cores", "comm_hook", "powersgd_rank", "fused_sgd", "backend", "seed")
+              "static_graph", "bucket_view", "threads", "pin_cores", "comm_hook", "powersgd_rank", "fused_sgd",
+              "backend", "seed")
 PHASES = ("forward", "backward", "comm", "optimizer")
 # What the PyTorch DDP tutorial runs under torchrun: every knob at torch's default.
 TUTORIAL = {"bucket_cap_mb": 25.0, "static_graph": False, "bucket_view": False,
@@ -121,7 +122,6 @@ class _Bench:
         self.net = build_model(10, channels_last=cfg.channels_last).to(env.device)
         self.ddp = ddp.wrap(self.net, env, cfg)
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # each rank its own batch
         n, side = variant.batch_per_rank, cfg.image_size
         self.images = torch.randn(n, 3, side, side, generator=gen).to(env.device)
@@ -129,6 +129,7 @@ class _Bench:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(10, (n,), generator=gen).to(env.device)
         self.precision, self.scaler = amp(cfg.precision, env.device)
+        self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd, scaler=self.scaler)
         self.clock = PhaseClock(env.device)
         self.clock.watch_gradients(self.net)
         self.loss_fn = nn.CrossEntropyLoss()

@@ -14,7 +14,7 @@ import torch
 log = logging.getLogger("distributed_step")
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
-# Every key a checkpoint holds: what train's _Run.state_dict() writes and load_state_dict()
+# Every key a checkpoint holds: what train's Run.state_dict() writes and load_state_dict()
 # reads (tests/unit/test_run_state.py fails when the three drift apart).
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batches_in_epoch",
                  "global_batch_size", "world_size", "rng", "config", "last_loss")

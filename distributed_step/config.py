@@ -55,7 +55,8 @@ class TrainConfig:
     small_input_stem: bool = _opt(False, "3x3 stride-1 stem without max-pool, for tiny images")
     sync_bn: bool = _opt(False, "synchronize BatchNorm statistics across ranks (SyncBatchNorm)")
     channels_last: bool = _opt(False, "channels_last memory format for model and inputs")
-    precision: str = _opt("fp32", "autocast precision (fp16 needs CUDA)", ("fp32", "bf16", "fp16"))
+    precision: str = _opt("fp32", "autocast precision (fp16 with a gradient scaler, on CUDA or CPU)",
+                          ("fp32", "bf16", "fp16"))
     compile: bool = _opt(False, "torch.compile the model (opt-in; slow first steps)")
     # Run directory, checkpoints, logging
     out: str = _opt("runs/default", "run directory: config, metrics, checkpoints, model.pt, summary")
@@ -69,9 +70,11 @@ class TrainConfig:
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
     socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
     bucket_cap_mb: float = _opt(10.0, "DDP gradient bucket size in MB (the first bucket is 1 MB)")
-    static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search; off with --grad-accum > 1)")
+    static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search; "
+                              "off with --grad-accum > 1)")
     bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
-    pin_cores: bool = _opt(True, "pin each rank's threads to its own share of the node's cores (off when jobs share a node)")
+    pin_cores: bool = _opt(True, "pin each rank's threads to its own share of the node's cores "
+                           "(off when jobs share a node)")
     threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node, at most OMP_NUM_THREADS)")
     comm_hook: str = _opt("none", "gradient compression: none is exact; bf16, fp16 and powersgd change "
                           "the math (fewer bytes sent, a slightly different update)",
@@ -127,7 +130,8 @@ class TrainConfig:
             need(os.path.isfile(self.weights), f"--weights {self.weights}: no such file")
         for name in ("schedule", "precision", "backend", "comm_hook"):
             choices = _field(name).metadata["choices"]
-            need(getattr(self, name) in choices, f"--{_flag(name)} {getattr(self, name)!r}: choose from {', '.join(choices)}")
+            need(getattr(self, name) in choices,
+                 f"--{_flag(name)} {getattr(self, name)!r}: choose from {', '.join(choices)}")
         return self
 
     def to_dict(self) -> dict:
@@ -174,7 +178,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=None if meta["choices"] else kind.__name__.upper(),
+            parser.add_argument(flag, type=kind, choices=meta["choices"],
+                                metavar=None if meta["choices"] else kind.__name__.upper(),
                                 help=help_text)
 
 

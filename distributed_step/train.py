@@ -1,6 +1,6 @@
 """train(config) -> Summary: the one loop that torchrun, Ray Train and Kubernetes pods all run.
 
-    detect the world -> validate -> datasets -> model -> dist.setup -> placement -> _Run:
+    detect the world -> validate -> datasets -> model -> dist.setup -> placement -> Run:
         loaders -> resume -> DDP -> [ batch -> step -> agree -> log / eval / checkpoint ] -> model.pt
 
 Datasets and the model are built before the process group on purpose: every check that can
@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     setup_logging(env)
     placement.place(cfg, env)
     try:
-        return _Run(cfg, env, sets, net, on_checkpoint).fit()
+        return Run(cfg, env, sets, net, on_checkpoint).fit()
     finally:
         teardown(env)
 
@@ -118,7 +118,7 @@ def _check_writable(out: str) -> None:
         raise ConfigError(f"--out {out}: the run directory is not writable")
 
 
-class _Run:
+class Run:
     """One rank's run: the loaders, the model and its optimizer, the counters, and the loop."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, on_checkpoint):
@@ -136,7 +136,7 @@ class _Run:
         self.net = convert_sync_batchnorm(net, env.device) if cfg.sync_bn else net
         self.net = self.net.to(env.device)
         self.optimizer = sgd(self.net.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov,
-                             fused=cfg.fused_sgd)
+                             fused=cfg.fused_sgd, scaler=self.scaler)
         schedule = lr_factor(cfg.schedule, cfg.warmup_steps, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None

@@ -1,4 +1,5 @@
-"""Shared by the three test rooms (unit, integration, k8s). Helpers to start real training processes (torchrun or plain python) and read what they leave."""
+"""Shared by the three test rooms (unit, integration, k8s): start real training processes
+(torchrun or plain python) and read what they leave."""
 from __future__ import annotations
 
 import json
@@ -36,7 +37,8 @@ def python_cmd(args: list[str]) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("env", child_env())
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+    cwd = kw.pop("cwd", ROOT)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd, **kw)
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc
 

@@ -56,8 +56,8 @@ def test_two_nodes_over_c10d_match_one_node(two_hosts, tmp_path):
     for node, (ns, addr) in enumerate(zip(two_hosts, ADDRS)):
         host_flags = ["--rdzv-conf=is_host=true"] if node == 0 else []
         # --socket-ifname: gloo must advertise the veth address, not what the hostname resolves to
-        cmd = torchrun_cmd(2, FLAGS + ["--out", str(multi), "--socket-ifname", "ds0"], "--nnodes=2", "--rdzv-backend=c10d",
-                           f"--rdzv-endpoint={ADDRS[0]}:29400", "--rdzv-id=netns-test",
+        cmd = torchrun_cmd(2, FLAGS + ["--out", str(multi), "--socket-ifname", "ds0"], "--nnodes=2",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint={ADDRS[0]}:29400", "--rdzv-id=netns-test",
                            f"--local-addr={addr}", *host_flags)
         cmd.remove("--standalone")
         procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, env=child_env(),

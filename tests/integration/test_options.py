@@ -3,6 +3,8 @@ bf16 autocast, channels_last, gradient accumulation (no_sync), clipping, label s
 Nesterov, the step schedule, periodic evaluation, and --weights PATH with a new head."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -75,3 +77,18 @@ def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     assert summary(out)["steps"] == 3
     plain = resnet18(num_classes=10)
     plain.load_state_dict(load_weights(out / "model.pt"))  # no "_orig_mod." prefixes
+
+
+def test_fp16_trains_on_cpu_with_its_scaler_saved_and_resumed(tmp_path):
+    """--precision fp16 with the default --fused-sgd: the path that went NaN on GPU, on CPU."""
+    out = tmp_path / "fp16"
+    flags = TINY + ["--precision", "fp16", "--lr", "0.05", "--checkpoint-every", "2", "--out", str(out)]
+    run_ok(python_cmd(flags + ["--steps", "2"]))
+    first = torch.load(out / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
+    assert first["scaler"] and first["scaler"]["scale"] < 65536.0  # overflowing steps were skipped
+    resumed = run_ok(python_cmd(flags + ["--steps", "5"]))
+    assert "resumed from" in resumed.output
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in metrics(out) if "loss" in m] == list(range(1, 6))
+    assert all(math.isfinite(loss) and loss < 10 for loss in losses), losses
+    assert summary(out)["status"] == "complete"

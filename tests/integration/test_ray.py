@@ -41,7 +41,8 @@ def cluster():
     try:
         yield {"gcs": f"127.0.0.1:{gcs}", "jobs": f"http://127.0.0.1:{dashboard}"}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=ray_env(), capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=ray_env(), capture_output=True,
+                       timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -69,7 +70,8 @@ def test_job_submit_equals_torchrun_and_resubmit_resumes(cluster, reference, ray
     out = ray_job
     ours, theirs = load_weights(out / "model.pt"), load_weights(reference / "model.pt")
     largest = max(t.abs().max().item() for t in theirs.values() if t.is_floating_point())
-    worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs if theirs[k].is_floating_point())
+    worst = max((ours[k].double() - theirs[k].double()).abs().max().item()
+                for k in theirs if theirs[k].is_floating_point())
     assert worst <= 1e-6 * largest
     for name in ("config.yaml", "metrics.jsonl", "model.pt", "summary.json", "checkpoints"):
         assert (out / name).exists(), name

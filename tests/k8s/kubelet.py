@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.k8s.operators import LOOPBACK, Network, Pod
 from tests.helpers import BIN, ROOT
+from tests.k8s.operators import LOOPBACK, Network, Pod
 from tests.k8s.render import VAR_REF, config_maps, resource_field
 
 RESTART_DELAY_S = 0.5  # the kubelet's crash-loop backoff starts at 10 s; nothing to gain by waiting here
@@ -260,9 +260,9 @@ def run_rayjob(node: Node, head: Pod, workers: list[Pod], submitter: Pod, backof
         for pod in [head, *workers]:
             start_ready(node, [pod], RAY_READY, cluster)
         outcome = run_until_done(node, [submitter], backoff_limit, timeout_s)
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", f"http://{LOOPBACK}:{head.serves}",
-                                 job_id], capture_output=True, text=True, timeout=60, env=node.environment(
-                                     submitter, box, {})).stdout
+        command = [str(BIN / "ray"), "job", "status", "--address", f"http://{LOOPBACK}:{head.serves}", job_id]
+        status = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60,
+                                env=node.environment(submitter, box, {})).stdout
         for run in cluster:
             outcome.runs.setdefault(run.pod.name, []).append(run)
         return outcome, status

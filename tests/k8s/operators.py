@@ -187,7 +187,8 @@ def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
                   "batch.kubernetes.io/job-completion-index": str(index)}
         meta["labels"] = labels
         meta.setdefault("annotations", {})["batch.kubernetes.io/job-completion-index"] = str(index)
-        _inject(template, [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}])
+        index = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
+        _inject(template, [index])
         hostname = f"{name}-{index}"
         for svc in services:  # DNS <hostname>.<subdomain>[.<namespace>.svc.cluster.local]
             if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
@@ -303,10 +304,10 @@ def rayjob_pods(ray_job: dict, net: Network, temp_dir: str) -> tuple[Pod, list[P
     if not box.get("command"):  # KubeRay fills in its submit script when the template has none
         address, job_id = f"http://{LOOPBACK}:{dashboard}", f"{name}-local"
         box["command"] = ["/bin/sh", "-c"]
-        box["args"] = [f"if ray job status --address {address} {job_id} >/dev/null 2>&1 ; "
-                       f"then ray job logs --address {address} --follow {job_id} ; "
-                       f"else ray job submit --address {address} --submission-id {job_id} -- "
-                       f"{spec['entrypoint'].strip()} ; fi"]
+        box["args"] = [(f"if ray job status --address {address} {job_id} >/dev/null 2>&1 ; "
+                        f"then ray job logs --address {address} --follow {job_id} ; "
+                        f"else ray job submit --address {address} --submission-id {job_id} -- "
+                        f"{spec['entrypoint'].strip()} ; fi")]
     return head, workers, Pod(f"{name}-submitter", f"{name}-submitter", submitter)
 
 

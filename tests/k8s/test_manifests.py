@@ -169,10 +169,12 @@ def test_cpu_and_gpu_variants_differ_only_as_documented(variant):
 def test_the_images_match_what_the_pods_expect():
     cpu, cuda = (K8S / "Dockerfile").read_text(), (K8S / "Dockerfile.cuda").read_text()
     for dockerfile in (cpu, cuda):
-        assert re.search(r"^USER 1000:1000$", dockerfile, re.M)  # runAsUser/runAsGroup in every pod
-        assert re.search(r"^WORKDIR /app$", dockerfile, re.M)    # the RayJob runs launch/ray_job.py from there
-        assert "COPY launch ./launch" in dockerfile and 'pip install ".[ray]"' in dockerfile
+        assert re.search(r"^USER 1000:1000$", dockerfile, re.MULTILINE)  # runAsUser/runAsGroup in every pod
+        assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)    # the RayJob runs launch/ray_job.py from there
+        assert "COPY launch ./launch" in dockerfile and '".[ray]"' in dockerfile
     assert "download.pytorch.org/whl/cpu" in cpu and "whl/cpu" not in cuda
+    # The CUDA image keeps a base image's own torch; only a bare base gets the pinned pair.
+    assert 'if python -c "import torch"' in cuda and "ARG BASE_IMAGE=" in cuda
     for variant in VARIANTS:
         for _, template, _ in pod_templates(workload(render(variant))):
             context = template["spec"]["securityContext"]

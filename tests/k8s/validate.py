@@ -48,7 +48,7 @@ def close(schema: dict) -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schemas(folder: str) -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> the closed schema of each served version of each CRD in `folder`."""
     found = {}

@@ -1,4 +1,4 @@
-"""What a checkpoint holds is written and read in one place (_Run.state_dict / load_state_dict),
+"""What a checkpoint holds is written and read in one place (Run.state_dict / load_state_dict),
 and both match checkpoint.REQUIRED_KEYS. In-process: one rank, no process group, 8 px images."""
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from distributed_step.config import TrainConfig
 from distributed_step.data import build_datasets
 from distributed_step.dist import detect, setup
 from distributed_step.model import build_model
-from distributed_step.train import _Run
+from distributed_step.train import Run
 
 
-def make_run(tmp_path, **overrides) -> _Run:
+def make_run(tmp_path, **overrides) -> Run:
     tmp_path.mkdir()
     cfg = TrainConfig(data="synthetic", synthetic_samples=16, image_size=8, global_batch_size=8, steps=3,
                       warmup_steps=1, log_every=1, out=str(tmp_path), resume="never", **overrides).validate()
     sets = build_datasets(cfg)
     torch.manual_seed(cfg.seed)
-    return _Run(cfg, setup(detect(torch.device("cpu"))), sets, build_model(sets.num_classes), None)
+    return Run(cfg, setup(detect(torch.device("cpu"))), sets, build_model(sets.num_classes), None)
 
 
 def assert_same(a, b, where="state"):

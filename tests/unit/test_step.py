@@ -40,3 +40,30 @@ def test_warmup_is_linear_then_each_schedule_has_its_shape():
     step = lr_factor("step", warmup, total)
     assert (step(warmup), step(warmup + 31), step(warmup + 61)) == pytest.approx((1.0, 0.1, 0.01))
     assert lr_factor("constant", 0, total)(99) == 1.0
+
+
+def test_fp16_with_its_scaler_skips_the_overflowing_steps_then_trains():
+    """The fp16 path as `train` builds it (autocast, GradScaler, the default fused_sgd=True),
+    run on the CPU. torch's fused SGD leaves its momentum uninitialised after a skipped first
+    step and went NaN here; sgd() must hand a scaled run the foreach loop."""
+    from torchvision.models import resnet18
+
+    from distributed_step.step import amp
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10)
+    dtype, scaler = amp("fp16", torch.device("cpu"))
+    assert dtype is torch.float16 and scaler is not None
+    optimizer = sgd(model.parameters(), lr=0.05, momentum=0.9, fused=True, scaler=scaler)
+    assert not optimizer.defaults["fused"]
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
+    clock, losses, scales = PhaseClock(images.device), [], []
+    for _ in range(6):
+        clock.start()
+        losses.append(float(train_step(model, optimizer, images, labels, nn.CrossEntropyLoss(), clock,
+                                       precision=dtype, scaler=scaler)))
+        scales.append(scaler.get_scale())
+    assert scales[0] < 65536.0  # the first step overflowed and was skipped: the case that broke
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(torch.isfinite(p).all() for p in model.parameters())
