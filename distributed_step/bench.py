@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from . import ddp, placement
+from . import ddp, numerics, placement
 from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags, field_type
 from .dist import DistEnv, all_gather_object, barrier, broadcast_params_, detect, setup, state_digest, teardown
 from .model import build_model
@@ -178,6 +178,7 @@ def run_rank(args: dict) -> list[dict] | None:
     """Measure every variant on this rank; rank 0 returns the records (the others None)."""
     world = detect()
     plan = variants(args, world.world_size)
+    numerics.configure(deterministic=False)  # the numerics `train` runs with by default
     env = setup(world, plan[0].cfg.backend)
     try:
         benches = [_Bench(v, env) for v in plan]

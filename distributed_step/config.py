@@ -58,6 +58,8 @@ class TrainConfig:
     precision: str = _opt("fp32", "autocast precision (fp16 with a gradient scaler, on CUDA or CPU)",
                           ("fp32", "bf16", "fp16"))
     compile: bool = _opt(False, "torch.compile the model (opt-in; slow first steps)")
+    deterministic: bool = _opt(False, "bit-identical GPU runs: deterministic algorithms, no cuDNN autotuning, "
+                                      "no TF32 (slower; CPU runs repeat exactly either way)")
     # Run directory, checkpoints, logging
     out: str = _opt("runs/default", "run directory: config, metrics, checkpoints, model.pt, summary")
     checkpoint_every: int = _opt(200, "save a full checkpoint every N steps (0: only at the end)")
@@ -228,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
-RUN_FACTS = ("world_size",)  # written next to the configuration, not part of it
+RUN_FACTS = ("world_size", "numerics")  # written next to the configuration, not part of it
 
 
 def save_yaml(config: TrainConfig, path: str, extra: dict) -> None:

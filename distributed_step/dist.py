@@ -117,7 +117,9 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+                                # NCCL binds its communicator to the device; gloo (also used
+                                # for 2 ranks sharing one GPU, which NCCL refuses) takes none.
+                                device_id=device if backend == "nccl" else None)
     except (RuntimeError, ValueError) as exc:
         raise RendezvousError(
             f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "

@@ -1,7 +1,7 @@
 """Synchronized BatchNorm on every backend.
 
-torch.nn.SyncBatchNorm only runs on GPUs (DDP refuses it on CPU modules, and its kernels are
-CUDA-only), yet the equivalence "N ranks x B/N == 1 rank x B" needs batch statistics over the
+torch.nn.SyncBatchNorm only runs on GPUs under NCCL (DDP refuses it on CPU modules, and its
+kernels are CUDA-only), yet the equivalence "N ranks x B/N == 1 rank x B" needs batch statistics over the
 global batch. On CPU we compute them with two differentiable all-reduces per layer: the
 backward of a sum over ranks is a sum over ranks of the gradients, which is exactly the
 cross-rank term of the BatchNorm backward.
@@ -29,7 +29,7 @@ class _SumOverRanks(torch.autograd.Function):
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover every rank's samples (CPU / gloo)."""
+    """BatchNorm2d whose training statistics cover every rank's samples (gloo, CPU or CUDA)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -67,9 +67,11 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         return out.to(dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm2d: torch's SyncBatchNorm on GPUs, GlooSyncBatchNorm on CPU."""
-    if device.type != "cpu":
+def convert_sync_batchnorm(module: nn.Module, device: torch.device, backend: str) -> nn.Module:
+    """Replace every BatchNorm2d: torch's SyncBatchNorm under NCCL, GlooSyncBatchNorm otherwise
+    (gloo on CPU, and gloo with CUDA tensors: 2 ranks sharing one GPU, which NCCL refuses; torch's
+    SyncBatchNorm gathers with all_gather_into_tensor, which gloo does not promise)."""
+    if backend == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlooSyncBatchNorm):
@@ -78,5 +80,5 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
             synced.load_state_dict(child.state_dict())
             setattr(module, name, synced)
         else:
-            convert_sync_batchnorm(child, device)
+            convert_sync_batchnorm(child, device, backend)
     return module

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import ddp, placement
+from . import ddp, numerics, placement
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import build_datasets, check_batch_fits, held_out_loader, loader_workers, train_loader
 from .dist import (
@@ -94,6 +94,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     # Everything that can fail on bad input runs here, on every rank, before any collective.
     cfg.validate(world.world_size)
     amp(cfg.precision, world.device)  # refuses a precision this device cannot run
+    numerics.configure(cfg.deterministic)  # before the model touches the device (cuBLAS reads it once)
     _check_writable(cfg.out)
     sets = build_datasets(cfg)
     check_batch_fits(sets, cfg)
@@ -133,7 +134,7 @@ class Run:
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.precision, self.scaler = amp(cfg.precision, env.device)
 
-        self.net = convert_sync_batchnorm(net, env.device) if cfg.sync_bn else net
+        self.net = convert_sync_batchnorm(net, env.device, env.backend) if cfg.sync_bn else net
         self.net = self.net.to(env.device)
         self.optimizer = sgd(self.net.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov,
                              fused=cfg.fused_sgd, scaler=self.scaler)
@@ -226,7 +227,8 @@ class Run:
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
         if env.is_main:
-            save_yaml(cfg, os.path.join(cfg.out, "config.yaml"), {"world_size": env.world_size})
+            save_yaml(cfg, os.path.join(cfg.out, "config.yaml"),
+                      {"world_size": env.world_size, "numerics": numerics.in_force()})
         log.info("training %d steps (%d per epoch), global batch %d on %d rank(s), %s/%s",
                  self.total_steps, self.steps_per_epoch, cfg.global_batch_size, env.world_size,
                  env.device.type, env.backend)

@@ -26,7 +26,8 @@ def runs(shared_tmp):
     out = SimpleNamespace(two=shared_tmp / "two_ranks", one=shared_tmp / "one_rank",
                           crashed=shared_tmp / "crash_and_restart")
     run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.two)]))
-    run_ok(python_cmd(REFERENCE + ["--out", str(out.one)]))
+    # --deterministic changes nothing on CPU (the comparison below still holds) but is recorded.
+    run_ok(python_cmd(REFERENCE + ["--out", str(out.one), "--deterministic"]))
     out.crash_log = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.crashed), "--fail-once-at-step", "5"],
                                         "--max-restarts=1")).output
     return out
@@ -59,6 +60,10 @@ def test_run_directory_explains_itself(runs):
 
     config = yaml.safe_load((runs.two / "config.yaml").read_text())
     assert config["world_size"] == 2 and config["sync_bn"] is True and config["lr"] == 0.001
+    # which numerics were in force: the fast default here, --deterministic in the 1-rank run
+    assert config["numerics"]["cudnn_benchmark"] and not config["numerics"]["deterministic_algorithms"]
+    strict = yaml.safe_load((runs.one / "config.yaml").read_text())["numerics"]
+    assert strict["deterministic_algorithms"] and not (strict["cudnn_benchmark"] or strict["tf32_cudnn"])
     logged = [m for m in metrics(runs.two) if "loss" in m]
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
     for m in logged:

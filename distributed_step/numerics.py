@@ -1,0 +1,42 @@
+"""The numerics a run computes with, set once per process and recorded in config.yaml.
+
+Two runs of the same command are bit-identical on CPU, but not on a GPU by default: cuDNN picks
+convolution algorithms by timing them (cudnn.benchmark), some of which accumulate in a
+nondeterministic order, and cuDNN convolutions use TF32 (10-bit mantissa) for fp32 inputs.
+`--deterministic` trades speed for repeatability; without it the fixed-shape step lets cuDNN
+autotune once and keep the fastest algorithms.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# cuBLAS reuses workspaces across streams nondeterministically unless told their size; it reads
+# this once, at its first call, so it is set before any model touches the device.
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+def configure(deterministic: bool) -> dict:
+    """Set the process's numerics for --deterministic (or the fast default); return what is in force."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        # Every step has the same shapes, so timing cuDNN's algorithms once pays for itself.
+        torch.backends.cudnn.benchmark = True
+    return in_force()
+
+
+def in_force() -> dict:
+    """The settings that decide whether a GPU run repeats bit for bit."""
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}

@@ -1,0 +1,60 @@
+"""The CUDA-only paths, where a GPU is (skipped without one: tests/conftest.py). On a GPU machine
+`bash benchmarks/gpu.sh` runs these first, then the benchmarks. Each test says what it needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed_step.dist import state_digest
+from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
+
+pytestmark = pytest.mark.gpu
+
+# One step of the reference run of test_training.py, deterministic so the comparison is exact.
+ONE_STEP = TINY + ["--small-input-stem", "--sync-bn", "--lr", "0.001", "--steps", "1", "--checkpoint-every", "0",
+                   "--deterministic"]
+
+
+def worst_relative_difference(a: dict, b: dict) -> float:
+    largest = max(t.abs().max().item() for t in b.values() if t.is_floating_point())
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in b if b[k].is_floating_point()) / largest
+
+
+def test_two_ranks_sharing_one_gpu_over_gloo_equal_one_rank(tmp_path):
+    """NCCL refuses two ranks on one device; gloo carries CUDA tensors, and GlooSyncBatchNorm
+    gives the 2 x B/2 ranks the statistics of the whole batch."""
+    run_ok(torchrun_cmd(2, ONE_STEP + ["--backend", "gloo", "--out", str(tmp_path / "two")]))
+    run_ok(python_cmd(ONE_STEP + ["--out", str(tmp_path / "one")]))
+    two, one = load_weights(tmp_path / "two" / "model.pt"), load_weights(tmp_path / "one" / "model.pt")
+    assert worst_relative_difference(two, one) <= 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torch's SyncBatchNorm runs under NCCL: 2 GPUs")
+def test_torch_syncbn_under_nccl_equals_one_rank(tmp_path):
+    run_ok(torchrun_cmd(2, ONE_STEP + ["--out", str(tmp_path / "two")]))
+    run_ok(python_cmd(ONE_STEP + ["--out", str(tmp_path / "one")]))
+    two, one = load_weights(tmp_path / "two" / "model.pt"), load_weights(tmp_path / "one" / "model.pt")
+    assert worst_relative_difference(two, one) <= 1e-5
+
+
+def test_deterministic_runs_repeat_bit_for_bit(tmp_path):
+    flags = TINY + ["--steps", "6", "--sync-bn", "--lr", "0.01", "--deterministic", "--checkpoint-every", "0"]
+    digests = []
+    for name in ("a", "b"):
+        run_ok(python_cmd(flags + ["--out", str(tmp_path / name)]))
+        digests.append(state_digest(load_weights(tmp_path / name / "model.pt")))
+    assert digests[0] == digests[1]
+
+
+def test_fp16_trains_the_digits(tmp_path):
+    """The default run in fp16 with the default --fused-sgd (the combination that went NaN)."""
+    run_ok(python_cmd(["--precision", "fp16", "--out", str(tmp_path / "fp16")]))
+    assert summary(tmp_path / "fp16")["eval_accuracy"] >= 0.95
+
+
+def test_channels_last_compile_bf16_trains(tmp_path):
+    out = tmp_path / "fast"
+    run_ok(python_cmd(["--precision", "bf16", "--channels-last", "--compile", "--steps", "30", "--log-every", "5",
+                       "--checkpoint-every", "0", "--out", str(out)]), timeout=600)
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert losses[-1] < 0.5 * losses[0], losses
