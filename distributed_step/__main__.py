@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 COMMANDS = ("train", "bench", "plot", "doctor")
@@ -38,18 +39,52 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(rest)  # flag errors exit 2 here, before torch is even imported
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from .dist import RendezvousError
-    from .train import TrainingError, train
+    from .train import train
 
     try:
         train(config)
-    except ConfigError as exc:  # bad input: the message names the flag, path or variable
-        return _fail(str(exc), 2)
-    except (TrainingError, RendezvousError) as exc:  # the run or the network failed, not the input
-        return _fail(str(exc), 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+    except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
+        message, code = _explain(exc, config)
+        _fail(message, code)
+        # Out at once: a normal exit would join DataLoader workers that ignore SIGTERM (so that
+        # a preempted step can finish), and this rank would hang while the others wait for it
+        # in a collective. Exiting lets gloo tell the other ranks within seconds.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
     return 0
+
+
+def _explain(exc: BaseException, config) -> tuple[str, int]:
+    """(one line, exit code) for a failure of `train`: 2 for bad input, 1 for the rest."""
+    from .config import ConfigError
+    from .dist import RendezvousError
+    from .train import TrainingError
+
+    if isinstance(exc, ConfigError):  # bad input: the message names the flag, path or variable
+        return str(exc), 2
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, (TrainingError, RendezvousError)):
+        return str(exc), 1
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:  # a DataLoader worker's exception arrives with its traceback: keep the error
+        text = re.sub(r"^[A-Za-z_][\w.]*: ", "", lines[-1])
+    if "out of memory" in text.lower() or "can't allocate memory" in text:
+        per_rank = config.global_batch_size // int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return (f"out of memory at --image-size {config.image_size} with {per_rank} images per rank "
+                f"(--global-batch-size {config.global_batch_size}): lower one of them ({text[:160]})"), 1
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError") or "/gloo/" in text:
+        return (f"a collective failed: another rank stopped or the network broke; the first rank's error "
+                f"is the cause ({text[:200]})"), 1
+    if type(exc).__name__ == "UnreadableImage" or "unreadable image" in text:
+        return text, 2
+    # Not a failure we know: a bug, so its traceback is worth the lines.
+    import traceback
+
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"{type(exc).__name__}: {text[:300]}", 1
 
 
 def _tool(command: str, argv: list[str]) -> int:

@@ -111,6 +111,11 @@ class TrainConfig:
         need(per_rank % self.grad_accum == 0,
              f"--grad-accum {self.grad_accum} does not divide the per-rank batch {per_rank} "
              f"(--global-batch-size {self.global_batch_size} / world size {world_size})")
+        # BatchNorm cannot normalise one sample: its variance over a batch of one is zero.
+        need(per_rank // self.grad_accum >= 2,
+             f"--grad-accum {self.grad_accum}: micro-batches of {per_rank // self.grad_accum} sample per rank "
+             f"(--global-batch-size {self.global_batch_size} / world size {world_size} / --grad-accum); "
+             "BatchNorm needs at least 2")
         need(self.lr > 0, "--lr must be positive")
         need(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         need(not self.nesterov or self.momentum > 0, "--nesterov needs --momentum > 0")
@@ -188,8 +193,16 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file")
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML{at} ({problem})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: unreadable ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -209,13 +222,16 @@ def _coerce(name: str, value: Any, path: str) -> Any:
     kind = _field(name).type
     kind = kind if isinstance(kind, str) else kind.__name__
     try:
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        return {"int": int, "float": float, "str": str}[kind](value)
+        # YAML's null would become "None" (a run directory named None), and true/false would
+        # pass as 1/0 for a number: both are mistakes, not values.
+        if value is None or (kind != "bool") == isinstance(value, bool):
+            raise ValueError
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return value if kind == "bool" else {"int": int, "float": float, "str": str}[kind](value)
     except (TypeError, ValueError):
-        raise ConfigError(f"--config {path}: {name}: expected {kind}, got {value!r}") from None
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(f"--config {path}: {name}: expected {kind}, got {shown}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

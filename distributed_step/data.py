@@ -6,9 +6,13 @@ and a run resumed mid-epoch sees exactly the images the uninterrupted run would 
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import multiprocessing
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +123,6 @@ def _digits(image_size: int) -> Datasets:
 
 
 def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
-    from torchvision import datasets
     from torchvision import transforms as T
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
@@ -129,15 +132,41 @@ def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
     val_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *norm])
-    try:
-        train = datasets.ImageFolder(train_dir, transform=train_tf)
-        held = datasets.ImageFolder(val_dir, transform=val_tf) if os.path.isdir(val_dir) else None
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise ConfigError(f"--data {cfg.data}: {exc}") from None
+    train = _image_folder(train_dir, train_tf, cfg)
+    held = _image_folder(val_dir, val_tf, cfg) if os.path.isdir(val_dir) else None
     if held is not None and held.classes != train.classes:
         # Each ImageFolder numbers its own folders: different class lists would shift labels.
         raise ConfigError(f"--data {cfg.data}: val/ classes {held.classes} differ from train/ classes {train.classes}")
     return Datasets(SeededAugment(train, cfg.seed), held, len(train.classes), False)
+
+
+class UnreadableImage(RuntimeError):
+    """An image file that cannot be decoded. The run fails on it, naming the file: a data set
+    that silently loses samples trains on something other than what the user pointed at."""
+
+
+def read_image(path: str):
+    """PIL RGB image of `path`, or UnreadableImage naming the file (a truncated or empty JPEG,
+    a text file with an image's extension)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            return image.convert("RGB")  # decodes now, while the file is open
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"unreadable image {path} ({type(exc).__name__}: {exc}); "
+                              "fix or remove the file") from None
+
+
+def _image_folder(folder: str, transform, cfg: TrainConfig):
+    from torchvision import datasets
+
+    split = os.path.basename(folder)
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ConfigError(f"--data {cfg.data}: {split}/: {exc}") from None
 
 
 def _cifar10(root: str, cfg: TrainConfig) -> Datasets:
@@ -148,12 +177,26 @@ def _cifar10(root: str, cfg: TrainConfig) -> Datasets:
     resize = [] if size == 32 else [T.Resize(size)]
     norm = [T.ToTensor(), T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))]
     train_tf = T.Compose([*resize, T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *norm])
-    try:
-        train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
-        held = datasets.CIFAR10(root, train=False, transform=T.Compose([*resize, *norm]), download=False)
-    except RuntimeError as exc:
-        raise ConfigError(f"--data {cfg.data}: {exc} (expected cifar-10-batches-py/ in {root})") from None
+    _check_cifar10_files(root, cfg)
+    train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
+    held = datasets.CIFAR10(root, train=False, transform=T.Compose([*resize, *norm]), download=False)
     return Datasets(SeededAugment(train, cfg.seed), held, 10, False)
+
+
+def _check_cifar10_files(root: str, cfg: TrainConfig) -> None:
+    """Name the missing or corrupt file (torchvision only says "not found or corrupted" and
+    suggests download=True, which runs here never do)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder = os.path.join(root, CIFAR10.base_folder)
+    for name, md5 in CIFAR10.train_list + CIFAR10.test_list:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--data {cfg.data}: {path} is missing (expected torchvision's "
+                              f"{CIFAR10.base_folder}/ in {root})")
+        if not check_integrity(path, md5):
+            raise ConfigError(f"--data {cfg.data}: {path} is corrupt (its md5 is not {md5}); copy it again")
 
 
 class ResumableSampler(DistributedSampler):
@@ -191,8 +234,8 @@ def train_loader(sets: Datasets, cfg: TrainConfig, rank: int, world_size: int, w
                  pin: bool) -> DataLoader:
     per_rank = cfg.global_batch_size // world_size
     sampler = ResumableSampler(sets.train, world_size, rank, cfg.seed, per_rank)
-    return DataLoader(sets.train, batch_size=per_rank, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=pin, worker_init_fn=_ignore_sigterm)
+    return DataLoader(sets.train, batch_size=per_rank, sampler=sampler, drop_last=True, pin_memory=pin,
+                      **_worker_options(workers))
 
 
 def check_batch_fits(sets: Datasets, cfg: TrainConfig) -> None:
@@ -201,10 +244,48 @@ def check_batch_fits(sets: Datasets, cfg: TrainConfig) -> None:
                           f"({len(sets.train)} samples)")
 
 
-def _ignore_sigterm(worker_id: int) -> None:
+def _worker_options(workers: int) -> dict:
+    """Loader workers start from a forkserver, not by forking the trainer.
+
+    Forking a process with threads (gloo's, the other loader's queue feeders) hung a new worker
+    in about 1 run of 5 here: CPython 3.11's after-fork cleanup in the child waited for a lock
+    that another thread of the parent held at the moment of the fork, and the rank then waited
+    for that worker forever. The forkserver is a fresh single-threaded process that imports
+    torch and this module once, so each worker is a cheap fork of a clean process.
+    """
+    if workers == 0:
+        return {}
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torchvision", __name__])
+    return {"num_workers": workers, "multiprocessing_context": context,
+            "worker_init_fn": functools.partial(_start_worker, os.getpid())}
+
+
+def _start_worker(trainer_pid: int, worker_id: int) -> None:
     """torchrun and Kubernetes signal the whole process group: loader workers must outlive the
-    SIGTERM so that the trainer can finish its step and save; they exit with the trainer."""
+    SIGTERM so that the trainer can finish its step and save. They exit with the trainer: torch's
+    own check watches the worker's parent, which is the forkserver (it outlives the trainer,
+    held open by the workers themselves), so each worker also watches the trainer."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:  # gone (or no /proc: fall back to a signal-0 probe)
+        try:
+            os.kill(pid, 0)
+            return not os.path.isdir("/proc")
+        except OSError:
+            return False
 
 
 def held_out_loader(sets: Datasets, batch_size: int, rank: int, world_size: int, workers: int,
@@ -213,4 +294,4 @@ def held_out_loader(sets: Datasets, batch_size: int, rank: int, world_size: int,
     if sets.held_out is None:
         return None
     shard = Subset(sets.held_out, range(rank, len(sets.held_out), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, pin_memory=pin, **_worker_options(workers))

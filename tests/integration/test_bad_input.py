@@ -80,3 +80,29 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     state = torch.load(out / "checkpoints" / names[0], map_location="cpu", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (out / "model.pt").exists()
+
+
+def test_unreadable_image_ends_every_rank_in_seconds_naming_the_rank_and_file(tmp_path):
+    """A zero-byte JPEG read by a loader worker: that rank names the file and exits at once, the
+    other rank's collective fails within seconds, and torchrun's root cause is the right rank."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (20 * i, 100, 50 if c == "a" else 200)).save(
+                tmp_path / "data" / "train" / c / f"{i}.jpg")
+    (tmp_path / "data" / "train" / "a" / "zero.jpg").write_bytes(b"")
+    began = time.time()
+    proc = subprocess.run(torchrun_cmd(2, ["--data", f"imagefolder:{tmp_path / 'data'}", "--image-size", "16",
+                                           "--global-batch-size", "8", "--steps", "12", "--workers", "1",
+                                           "--out", str(tmp_path / "run")]),
+                          check=False, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    seconds, output = time.time() - began, proc.stdout + proc.stderr
+    assert proc.returncode != 0 and seconds < 45, (seconds, output[-2000:])
+    culprit = [line for line in output.splitlines() if "unreadable image" in line]
+    assert len(culprit) == 1 and culprit[0].startswith("[rank ") and "train/a/zero.jpg" in culprit[0], output[-3000:]
+    rank = culprit[0].split("]")[0].removeprefix("[rank ")
+    assert f"rank      : {rank} (local_rank: {rank})" in output  # torchrun's root cause: that rank
+    # no traceback through our code on any rank (torchrun prints its own ChildFailedError)
+    assert not [line for line in output.splitlines() if 'File "' in line and "distributed_step" in line]

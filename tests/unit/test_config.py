@@ -19,6 +19,9 @@ def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
     ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
     ({"sync_bn": "yes"}, "sync_bn: expected bool"),
     ({"steps": "many"}, "steps: expected int"),
+    ({"steps": True}, "steps: expected int, got True"),
+    ({"out": None}, "out: expected str, got null"),
+    ({"lr": False}, "lr: expected float"),
 ])
 def test_bad_yaml_names_the_key(tmp_path, content, fragment):
     cfg_file = tmp_path / "bad.yaml"
@@ -36,6 +39,7 @@ def test_bad_yaml_names_the_key(tmp_path, content, fragment):
     ({"resume": "/no/such.pt"}, 1, "--resume /no/such.pt"),
     ({"weights": "/no/such.pt"}, 1, "--weights /no/such.pt"),
     ({"momentum": 1.0}, 1, "--momentum"),
+    ({"global_batch_size": 16, "grad_accum": 8}, 2, "--grad-accum 8: micro-batches of 1 sample"),
 ])
 def test_validate_names_the_flag(overrides, world, flag):
     with pytest.raises(ConfigError) as err:
@@ -71,3 +75,12 @@ def test_epochs_flag_wins_over_yaml_steps_and_run_facts_are_ignored(tmp_path):
     assert parse_args(["--config", str(cfg_file)]).steps == 100
     cfg = parse_args(["--config", str(cfg_file), "--epochs", "3"])
     assert cfg.steps == 0 and cfg.epochs == 3
+
+
+def test_broken_yaml_is_one_line_with_the_place(tmp_path):
+    cfg_file = tmp_path / "broken.yaml"
+    cfg_file.write_text("lr: 0.1\nsteps: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(cfg_file)])
+    message = str(err.value)
+    assert message.startswith(f"--config {cfg_file}: not valid YAML at line") and "\n" not in message

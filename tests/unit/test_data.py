@@ -1,6 +1,7 @@
 """Data order, sharding and held-out splits, checked in-process (no process group needed)."""
 import itertools
 
+import pytest
 import torch
 
 from distributed_step.config import TrainConfig
@@ -63,3 +64,39 @@ def test_digits_is_real_and_split_is_fixed():
     assert image.shape == (3, 32, 32) and 0 <= label < 10
     assert torch.equal(a.held_out[5][0], b.held_out[5][0])  # --seed does not move the split
     assert sorted({int(a.train[i][1]) for i in range(len(a.train))}) == list(range(10))
+
+
+def test_unreadable_image_and_empty_class_name_the_file_and_the_split(tmp_path):
+    from PIL import Image
+
+    from distributed_step.config import ConfigError
+    from distributed_step.data import UnreadableImage, build_datasets
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (12, 12), (40, 80, 120)).save(tmp_path / split / c / "0.png")
+    (tmp_path / "train" / "a" / "zero.jpg").write_bytes(b"")
+    sets = build_datasets(TrainConfig(data=f"imagefolder:{tmp_path}", image_size=8))
+    bad = next(i for i, (path, _) in enumerate(sets.train.base.samples) if path.endswith("zero.jpg"))
+    with pytest.raises(UnreadableImage, match=f"unreadable image {tmp_path}/train/a/zero.jpg"):
+        sets.train[bad]
+    (tmp_path / "val" / "b" / "0.png").unlink()  # an empty class folder in val/
+    with pytest.raises(ConfigError, match=r"val/: Found no valid file for the classes b"):
+        build_datasets(TrainConfig(data=f"imagefolder:{tmp_path}", image_size=8))
+
+
+def test_cifar10_names_the_missing_or_corrupt_file(tmp_path):
+    from torchvision.datasets import CIFAR10
+
+    from distributed_step.config import ConfigError
+    from distributed_step.data import build_datasets
+
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"{folder}/data_batch_1 is missing"):
+        build_datasets(TrainConfig(data=f"cifar10:{tmp_path}"))
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        (folder / name).write_bytes(b"not the real batch")
+    with pytest.raises(ConfigError, match=f"{folder}/data_batch_1 is corrupt"):
+        build_datasets(TrainConfig(data=f"cifar10:{tmp_path}"))
