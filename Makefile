@@ -19,7 +19,7 @@ venv: $(STAMP)
 # The embedded default: 4 ranks on CPU, the real digits data set, ~98% held-out accuracy.
 demo: $(STAMP)
 	rm -rf runs/demo
-	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m distributed_step train --out runs/demo
 
 # The whole suite (what CI runs): lint, then unit, integration (real processes) and k8s tests.
 test: lint

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
 

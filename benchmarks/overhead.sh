@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 rounds=${1:-3} steps=${2:-30}
 bin=.venv/bin
 out=$(mktemp -d)
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export
 for i in $(seq "$rounds"); do
   tut=$($bin/torchrun --standalone --nproc_per_node=2 benchmarks/tutorial_loop.py --steps "$steps" 2>/dev/null | tail -1)
   $bin/torchrun --standalone --nproc_per_node=2 -m distributed_step train --data synthetic --image-size 64 \

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 bin=$PWD/.venv/bin
-export PATH=$bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export PATH=$bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 work=$(mktemp -d /tmp/raybench.XXXX)
 flags="--data synthetic --image-size 64 --global-batch-size 64 --steps 30 --checkpoint-every 0 --log-every 10"
 ray start --head --num-cpus 4 --temp-dir "$work/ray" --dashboard-port 8299 --disable-usage-stats >/dev/null

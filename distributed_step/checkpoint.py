@@ -5,9 +5,12 @@ A checkpoint is a plain dict of tensors and numbers, so it loads with `weights_o
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 
 import torch
 
@@ -28,11 +31,17 @@ def save_atomic(obj, path: str) -> None:
     """Write to a temporary file, fsync, then rename: a crash leaves the old file or the new one,
     never half of one."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk must not stay full of half a checkpoint.
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -58,10 +67,25 @@ def save_checkpoint(state: dict, out: str, keep: int) -> str:
         if ".pt.tmp." in name:  # left by a save that a crash cut short
             os.remove(os.path.join(folder, name))
     path = os.path.join(folder, f"step_{state['step']:08d}.pt")
+    # Old checkpoints are pruned only after the new one is safe, so keep + 1 must fit: check
+    # first, rather than fill the disk and fail halfway.
+    needed, free = int(1.05 * _tensor_bytes(state)) + (1 << 20), shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{free / 1e6:.0f} MB free where a checkpoint needs about {needed / 1e6:.0f} MB")
     save_atomic(state, path)
     for _, old in list_checkpoints(out)[keep:]:
         os.remove(old)
     return path
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str) -> dict:

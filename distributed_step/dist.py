@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,24 +98,15 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
         os.environ.setdefault("NCCL_SOCKET_IFNAME", socket_ifname)
     if world_size == 1:
         return DistEnv(**vars(world), backend=backend, owns_group=False)
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and rank == 0):
-        # Restarted workers read the previous attempt's addresses from torchrun's shared store
-        # and hang in init_process_group until --timeout-s (pytorch/pytorch#135712).
-        print("distributed-step: warning: torchrun --max-restarts with a shared rendezvous store: "
-              "restarts may hang; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
-              file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: "
                           "start the ranks with torchrun (or set both)")
-    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    if not hosts_store:
-        _wait_for_port(addr, port, timeout_s)
+    store = _store(addr, port, rank, world_size, timeout_s)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
                                 # NCCL binds its communicator to the device; gloo (also used
                                 # for 2 ranks sharing one GPU, which NCCL refuses) takes none.
@@ -125,6 +116,43 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
             f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "
             f"--timeout-s {timeout_s:g} ({str(exc).splitlines()[0][:200]})") from None
     return DistEnv(**vars(world), backend=backend, owns_group=True)
+
+
+def _store(addr: str, port: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The key-value store the process group forms through, built here rather than by env://:
+
+    - torchrun's own store (TORCHELASTIC_USE_AGENT_STORE) outlives a restart, and torch reads it
+      without a per-attempt prefix, so restarted ranks could read the dead attempt's addresses
+      and wait for peers that are gone (pytorch/pytorch#135712; about half of the restarts
+      here). Each attempt gets its own prefix, which torchrun's restart count names.
+    - TCPStore's client waits forever for an answer from a port that accepts connections but is
+      not a store; a deadline of --timeout-s ends that wait with the endpoint named.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = rank == 0 and not agent_store
+    if not hosts:
+        _wait_for_port(addr, port, timeout_s)
+    made: list = []
+
+    def connect() -> None:
+        try:
+            made.append(dist.TCPStore(addr, int(port), world_size, is_master=hosts,
+                                      timeout=timedelta(seconds=timeout_s), multi_tenant=hosts))
+        except Exception as exc:  # noqa: BLE001 - reported below, in this thread
+            made.append(exc)
+
+    worker = threading.Thread(target=connect, name="store-connect", daemon=True)
+    worker.start()
+    worker.join(timeout_s + 5)
+    if not made:
+        raise RendezvousError(f"MASTER_ADDR={addr} MASTER_PORT={port} accepts connections but did not answer "
+                              f"as a c10d store within --timeout-s {timeout_s:g}: is that the rendezvous port?")
+    if isinstance(made[0], Exception):
+        raise RendezvousError(f"no store at MASTER_ADDR={addr} MASTER_PORT={port} within --timeout-s "
+                              f"{timeout_s:g} ({str(made[0]).splitlines()[0][:200]})")
+    if agent_store:
+        return dist.PrefixStore(f"distributed_step/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", made[0])
+    return made[0]
 
 
 def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:

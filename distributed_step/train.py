@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import ddp, numerics, placement
+from . import ddp, numerics, placement, rundir
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import build_datasets, check_batch_fits, held_out_loader, loader_workers, train_loader
 from .dist import (
@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     cfg.validate(world.world_size)
     amp(cfg.precision, world.device)  # refuses a precision this device cannot run
     numerics.configure(cfg.deterministic)  # before the model touches the device (cuBLAS reads it once)
-    _check_writable(cfg.out)
+    rundir.prepare(cfg.out)
     sets = build_datasets(cfg)
     check_batch_fits(sets, cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -110,13 +110,9 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
         teardown(env)
 
 
-def _check_writable(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create the run directory ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {out}: the run directory is not writable")
+# What a resumed run may not change: the data, the order it is seen in (seed, global batch), and
+# the model's shape. Everything else (rates and schedule, length, cadences, precision) applies.
+FIXED_ON_RESUME = ("data", "synthetic_samples", "image_size", "seed", "global_batch_size", "small_input_stem")
 
 
 class Run:
@@ -125,6 +121,12 @@ class Run:
     def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, on_checkpoint):
         self.cfg, self.env, self.sets, self.on_checkpoint = cfg, env, sets, on_checkpoint
         self.started = time.perf_counter()
+        # One writer per run directory, decided by rank 0 and told to every rank before anything
+        # in --out is read or written.
+        self.lock = rundir.RunLock(cfg.out)
+        refused = broadcast_object(self.lock.acquire() if env.is_main else None, env)
+        if refused:
+            raise ConfigError(refused)
         pin = env.device.type == "cuda"
         workers = loader_workers(cfg, sets, env.local_world_size)
         self.loader = train_loader(sets, cfg, env.rank, env.world_size, workers, pin)
@@ -138,10 +140,10 @@ class Run:
         self.net = self.net.to(env.device)
         self.optimizer = sgd(self.net.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov,
                              fused=cfg.fused_sgd, scaler=self.scaler)
-        schedule = lr_factor(cfg.schedule, cfg.warmup_steps, self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.schedule = lr_factor(cfg.schedule, cfg.warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None
-        self.lr_used, self.stopping = cfg.lr * schedule(0), False
+        self.lr_used, self.stopping = cfg.lr * self.schedule(0), False
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
         self.model = ddp.wrap(self.net, env, cfg)
@@ -165,13 +167,30 @@ class Run:
                 "config": self.cfg.to_dict(), "last_loss": self.last_loss}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state`; the data position follows from (step, global batch)."""
-        if state["global_batch_size"] != self.cfg.global_batch_size:
-            raise ConfigError(f"--global-batch-size {self.cfg.global_batch_size} differs from the checkpoint's "
-                              f"{state['global_batch_size']}; the data position would not match")
+        """Resume from `state`; the data position follows from (step, global batch). The flags
+        of this run apply from here on, except those that would change what is being trained
+        (FIXED_ON_RESUME), which are refused."""
+        cfg, saved = self.cfg, state["config"]
+        for name in FIXED_ON_RESUME:
+            if saved[name] != getattr(cfg, name):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
+                                  f"{saved[name]}: a resumed run keeps its data, data order and model shape "
+                                  "(use another --out, or --resume never, to start afresh)")
+        classes, ours = state["model"]["fc.weight"].shape[0], self.net.fc.out_features
+        if classes != ours:
+            raise ConfigError(f"--data {cfg.data} has {ours} classes, the checkpoint's model {classes}")
+        for name, value in cfg.to_dict().items():
+            if name not in ("out", "resume") and saved.get(name, value) != value:
+                log.info("resume: --%s %s (the checkpoint had %s)", name.replace("_", "-"), value, saved[name])
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The optimizer's state brought back the checkpoint's hyperparameters: this run's flags
+        # win, and the rate of the next step comes from this run's schedule.
+        for group in self.optimizer.param_groups:
+            group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                         initial_lr=cfg.lr, lr=cfg.lr * self.schedule(state["step"]))
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -333,14 +352,20 @@ class Run:
             raise TrainingError(f"weights are not finite after step {self.step} (lower --lr or set --clip-grad); "
                                 f"the last good checkpoint in {self.cfg.out} is kept")
         broadcast_buffers_(self.net, self.env)
-        path = None
+        path = error = None
         if self.env.is_main:
             began = time.perf_counter()
-            path = ckpt.save_checkpoint(self.state_dict(), self.cfg.out, self.cfg.keep_checkpoints)
-            log.info("saved %s in %.2f s", path, time.perf_counter() - began)
+            try:
+                path = ckpt.save_checkpoint(self.state_dict(), self.cfg.out, self.cfg.keep_checkpoints)
+                log.info("saved %s in %.2f s", path, time.perf_counter() - began)
+            except OSError as exc:  # a full disk, a lost mount: every rank stops with the reason
+                error = (f"--out {self.cfg.out}: could not save the checkpoint of step {self.step} "
+                         f"({exc.strerror or exc}); the newest good checkpoint is kept")
         # The others wait here, not in the next step's collective, where a slow save would
         # look like a hang and trip the collective timeout.
-        path = broadcast_object(path, self.env)
+        path, error = broadcast_object((path, error), self.env)
+        if error:
+            raise TrainingError(error)
         self.saved_step = self.step
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, self.step)

@@ -19,10 +19,10 @@ TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--global-batch-size
 
 def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                                                    "MASTER_", "TORCHELASTIC"))}
-    # torchrun's shared rendezvous store keeps the last attempt's gloo addresses, so restarted
-    # workers hang connecting to dead peers (pytorch/pytorch#135712): we document this setting.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+                                                                    "MASTER_", "TORCHELASTIC",
+                                                                    "TORCH_DISABLE_SHARE_RDZV"))}
+    # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarts must work with the plain torchrun command.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 

@@ -4,7 +4,9 @@ All cases start at once (they are mostly waiting on imports) and are checked tog
 """
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -35,14 +37,29 @@ CASES = {
     "unreachable_rendezvous": (python_cmd(TINY + ["--timeout-s", "3"]),
                                {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "PORT"},
                                "no rendezvous at MASTER_ADDR=127.0.0.1"),
+    # A port that accepts connections but is not a c10d store: TCPStore alone would wait forever.
+    "silent_rendezvous": (python_cmd(TINY + ["--timeout-s", "3"]),
+                          {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "SILENT"},
+                          "accepts connections but did not answer as a c10d store within --timeout-s 3"),
 }
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
+def silent_port():
+    """A listener that accepts and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.extend(iter(server.accept, None)), daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, silent_port):
     started, procs = time.time(), {}
     for name, (cmd, env, _) in CASES.items():
-        env = {k: str(free_port()) if v == "PORT" else v for k, v in env.items()}
+        ports = {"PORT": str(free_port()), "SILENT": str(silent_port)}
+        env = {k: ports.get(v, v) for k, v in env.items()}
         out = [] if "--out" in cmd else ["--out", str(tmp_path_factory.mktemp(name))]
         procs[name] = subprocess.Popen(cmd + out, cwd=ROOT,
                                        env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -58,3 +58,26 @@ def test_newer_checkpoints_are_set_aside_and_temp_files_cleaned(tmp_path):
     ckpt.save_checkpoint(state(3), str(tmp_path), keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_00000002.pt", "step_00000003.pt", "step_00000004.pt.stale", "step_00000006.pt.stale"]
+
+
+def test_a_full_disk_refuses_before_writing_and_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    ckpt.save_checkpoint(state(2), str(tmp_path), keep=3)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError) as err:
+        ckpt.save_checkpoint(state(4), str(tmp_path), keep=3)
+    assert err.value.errno == errno.ENOSPC and "MB free where a checkpoint needs" in str(err.value)
+    monkeypatch.undo()
+
+    def half_written(obj, fh):
+        fh.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", half_written)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(state(6), str(tmp_path), keep=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002.pt"]
+    assert ckpt.load_checkpoint(str(tmp_path / "checkpoints" / "step_00000002.pt"))["step"] == 2

@@ -2,10 +2,11 @@
 and both match checkpoint.REQUIRED_KEYS. In-process: one rank, no process group, 8 px images."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distributed_step import checkpoint as ckpt
-from distributed_step.config import TrainConfig
+from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.data import build_datasets
 from distributed_step.dist import detect, setup
 from distributed_step.model import build_model
@@ -14,8 +15,9 @@ from distributed_step.train import Run
 
 def make_run(tmp_path, **overrides) -> Run:
     tmp_path.mkdir()
-    cfg = TrainConfig(data="synthetic", synthetic_samples=16, image_size=8, global_batch_size=8, steps=3,
-                      warmup_steps=1, log_every=1, out=str(tmp_path), resume="never", **overrides).validate()
+    settings = {"data": "synthetic", "synthetic_samples": 16, "image_size": 8, "global_batch_size": 8, "steps": 3,
+                    "warmup_steps": 1, "log_every": 1, "out": str(tmp_path), "resume": "never"}
+    cfg = TrainConfig(**{**settings, **overrides}).validate()
     sets = build_datasets(cfg)
     torch.manual_seed(cfg.seed)
     return Run(cfg, setup(detect(torch.device("cpu"))), sets, build_model(sets.num_classes), None)
@@ -54,3 +56,27 @@ def test_state_dict_holds_exactly_the_required_keys_and_round_trips(tmp_path, mo
     assert state["config"] == trained.cfg.to_dict()
     assert_same({k: v for k, v in fresh.state_dict().items() if k != "config"},
                 {k: v for k, v in state.items() if k != "config"})
+
+
+def test_resume_applies_changed_rates_and_refuses_changed_data(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    trained = make_run(tmp_path / "a", lr=0.001)
+    trained.fit()
+    state = trained.state_dict()
+
+    faster = make_run(tmp_path / "b", lr=0.5, momentum=0.8, steps=6)
+    faster.load_state_dict(state)
+    group = faster.optimizer.param_groups[0]
+    assert group["lr"] == 0.5 * faster.schedule(3) and group["momentum"] == 0.8  # not the checkpoint's
+    faster.scheduler.step()
+    assert group["lr"] == 0.5 * faster.schedule(4)  # and the schedule goes on from the new rate
+
+    for overrides, message in (({"image_size": 16}, "--image-size 16 differs from the checkpoint's 8"),
+                               ({"seed": 1}, "--seed 1 differs from the checkpoint's 0"),
+                               ({"synthetic_samples": 32}, "--synthetic-samples 32 differs")):
+        with pytest.raises(ConfigError, match=message):
+            make_run(tmp_path / f"c{len(message)}", **overrides).load_state_dict(state)
+    narrow = dict(state, model={**state["model"], "fc.weight": state["model"]["fc.weight"][:2]})
+    with pytest.raises(ConfigError, match="has 10 classes, the checkpoint's model 2"):
+        make_run(tmp_path / "d").load_state_dict(narrow)
