@@ -1,0 +1,28 @@
+"""How `train`'s failures become one line and an exit code (distributed_step.__main__._explain)."""
+from __future__ import annotations
+
+from distributed_step.__main__ import _explain
+from distributed_step.config import ConfigError, TrainConfig
+from distributed_step.data import UnreadableImage
+
+CFG = TrainConfig(image_size=4000, global_batch_size=16)
+
+
+def test_out_of_memory_names_the_flags_to_lower():
+    line, code = _explain(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                       "98304000000 bytes. Error code 12 (Cannot allocate memory)"), CFG)
+    assert code == 1 and line.startswith("out of memory at --image-size 4000 with 16 images per rank")
+
+
+def test_a_loader_workers_exception_keeps_only_its_last_line():
+    wrapped = UnreadableImage("Caught UnreadableImage in DataLoader worker process 0.\nOriginal Traceback "
+                              "(most recent call last):\n  File \"x.py\", line 1, in f\ndistributed_step.data."
+                              "UnreadableImage: unreadable image /d/train/a/zero.jpg (OSError: truncated)")
+    assert _explain(wrapped, CFG) == ("unreadable image /d/train/a/zero.jpg (OSError: truncated)", 2)
+
+
+def test_bad_input_is_exit_2_and_a_peer_failure_says_where_the_cause_is():
+    assert _explain(ConfigError("--lr must be positive"), CFG) == ("--lr must be positive", 2)
+    line, code = _explain(RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error: "
+                                       "Connection reset by peer"), CFG)
+    assert code == 1 and line.startswith("a collective failed: another rank stopped")
