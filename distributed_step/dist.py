@@ -8,6 +8,7 @@ destroys a group that `setup()` created.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import socket
 import threading
@@ -104,7 +105,7 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     if not addr or not port:
         raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: "
                           "start the ranks with torchrun (or set both)")
-    store = _store(addr, port, rank, world_size, timeout_s)
+    store = _store(addr, port, rank, world_size, world.local_world_size, timeout_s)
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
@@ -118,7 +119,7 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     return DistEnv(**vars(world), backend=backend, owns_group=True)
 
 
-def _store(addr: str, port: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+def _store(addr: str, port: str, rank: int, world_size: int, local_world_size: int, timeout_s: float) -> dist.Store:
     """The key-value store the process group forms through, built here rather than by env://:
 
     - torchrun's own store (TORCHELASTIC_USE_AGENT_STORE) outlives a restart, and torch reads it
@@ -127,17 +128,25 @@ def _store(addr: str, port: str, rank: int, world_size: int, timeout_s: float) -
       here). Each attempt gets its own prefix, which torchrun's restart count names.
     - TCPStore's client waits forever for an answer from a port that accepts connections but is
       not a store; a deadline of --timeout-s ends that wait with the endpoint named.
+    - TCPStore's server listens on every interface, whatever address it is given, and anyone who
+      reaches it can write the group's keys. When every rank is on this host and MASTER_ADDR is
+      a loopback address, it gets a socket bound to 127.0.0.1 instead (master_listen_fd).
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     hosts = rank == 0 and not agent_store
     if not hosts:
         _wait_for_port(addr, port, timeout_s)
+    listen = {}
+    if hosts and local_world_size == world_size and _is_loopback(addr):
+        listener = socket.create_server(("127.0.0.1", int(port)), backlog=1024)
+        _LISTENERS.append(listener)  # the store serves on this fd: keep the socket open
+        listen["master_listen_fd"] = listener.fileno()
     made: list = []
 
     def connect() -> None:
         try:
             made.append(dist.TCPStore(addr, int(port), world_size, is_master=hosts,
-                                      timeout=timedelta(seconds=timeout_s), multi_tenant=hosts))
+                                      timeout=timedelta(seconds=timeout_s), multi_tenant=hosts, **listen))
         except Exception as exc:  # noqa: BLE001 - reported below, in this thread
             made.append(exc)
 
@@ -153,6 +162,16 @@ def _store(addr: str, port: str, rank: int, world_size: int, timeout_s: float) -
     if agent_store:
         return dist.PrefixStore(f"distributed_step/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", made[0])
     return made[0]
+
+
+_LISTENERS: list[socket.socket] = []
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:

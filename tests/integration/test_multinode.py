@@ -4,47 +4,13 @@ same ring all-reduce, so the network in between must change nothing.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import uuid
 
-import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
+from tests.helpers import ADDRS, ROOT, TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
-ADDRS = ("10.213.77.1", "10.213.77.2")  # only inside the namespaces this test creates
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-@pytest.fixture
-def two_hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (ip netns)")
-    tag = uuid.uuid4().hex[:6]
-    hosts = (f"ds-a-{tag}", f"ds-b-{tag}")
-    try:
-        for ns in hosts:
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", f"dsa{tag}", "type", "veth", "peer", "name", f"dsb{tag}")
-        for ns, dev, addr in zip(hosts, (f"dsa{tag}", f"dsb{tag}"), ADDRS):
-            _ip("link", "set", dev, "netns", ns)
-            _ip("-n", ns, "link", "set", dev, "name", "ds0")  # the same name on both hosts
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "ds0")
-            _ip("-n", ns, "link", "set", "ds0", "up")
-    except subprocess.CalledProcessError as exc:
-        for ns in hosts:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode().strip()}")
-    yield hosts
-    for ns in hosts:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def test_two_nodes_over_c10d_match_one_node(two_hosts, tmp_path):
