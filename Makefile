@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv clean k8s-schemas
+.PHONY: demo test test-fast lint venv clean k8s-schemas k8s-check
 
 # pyproject.toml declares the torch range we support; constraints.txt pins the exact versions
 # that make and CI install, so every run here is reproducible.
@@ -36,6 +36,12 @@ lint: $(STAMP)
 # k8s/crds.json, sha256-checked, into .k8s-schemas/ (git-ignored). Standard library: no .venv needed.
 k8s-schemas:
 	$(PYTHON) k8s/fetch_schemas.py
+
+# The manifests' verdict without a cluster, as tests/k8s/test_manifests.py gives it: every variant
+# rendered, schema-validated and checked against the operators' and the house rules, one line each
+# (tests/k8s/check.py; `$(PY) -m tests.k8s.check DIR` checks your own overlay). Needs the CRDs above.
+k8s-check: $(STAMP)
+	$(PY) -m tests.k8s.check
 
 clean:
 	rm -rf $(VENV) runs

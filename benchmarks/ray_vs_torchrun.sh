@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 bin=$PWD/.venv/bin
-export PATH=$bin:$PATH RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 work=$(mktemp -d /tmp/raybench.XXXX)
+# Token authentication on, as on any cluster: a job server without it runs anyone's code.
+python -c "import secrets; print(secrets.token_hex(32))" > "$work/token"
+export PATH=$bin:$PATH RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$work/token RAY_USAGE_STATS_ENABLED=0
 flags="--data synthetic --image-size 64 --global-batch-size 64 --steps 30 --checkpoint-every 0 --log-every 10"
 ray start --head --num-cpus 4 --temp-dir "$work/ray" --dashboard-port 8299 --disable-usage-stats >/dev/null
 trap 'ray stop --force >/dev/null 2>&1; rm -rf "$work"' EXIT

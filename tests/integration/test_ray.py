@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +27,14 @@ FLAGS = TINY + ["--steps", "6", "--checkpoint-every", "2", "--lr", "0.01"]
 LAUNCHER = str(ROOT / "launch" / "ray_job.py")
 
 
+# Token authentication on, as on any cluster: without it the job server runs anyone's code. The
+# cluster, the jobs CLI and the launcher all read the token from this file.
+TOKEN = Path(tempfile.mkdtemp(prefix="raytoken")) / "auth_token"
+TOKEN.write_text(secrets.token_hex(32))
+
+
 def ray_env(**extra) -> dict:
-    # A local ray.init() would switch token auth on; the jobs CLI then needs the token too.
-    return child_env(RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}",
+    return child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(TOKEN), PATH=f"{BIN}:{os.environ['PATH']}",
                      RAY_USAGE_STATS_ENABLED="0", **extra)
 
 
@@ -44,6 +51,19 @@ def cluster():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=ray_env(), capture_output=True,
                        timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(TOKEN.parent, ignore_errors=True)
+
+
+def test_a_submission_without_the_token_is_refused(cluster, tmp_path):
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    hello = ["--", "python", "-c", "print('ran:', 6 * 7)"]
+    for env in (ray_env(RAY_AUTH_TOKEN_PATH=str(wrong)), ray_env(RAY_AUTH_MODE="disabled")):
+        refused = run([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], *hello], timeout=120, env=env)
+        assert refused.returncode != 0 and "ran: 42" not in refused.output, refused.output[-2000:]
+    accepted = run_ok([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], *hello], timeout=120,
+                      env=ray_env())
+    assert "ran: 42" in accepted.output
 
 
 def submit(cluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:

@@ -1,38 +1,60 @@
-"""The kubelet's and the controllers' part, on this machine: pods become local process trees.
+"""The kubelet's part, on this machine: pods become local process trees.
 
-`Node` turns a pod (from tests.k8s.operators) into a process: each volume becomes a directory (a
-ConfigMap's keys as files, one directory per PersistentVolumeClaim shared by every pod, an
-emptyDir per pod; the memory-backed /dev/shm is the host's own), every mount path in the
-command, args and env values is replaced by its directory, env is resolved as the kubelet does
-(envFrom, value with $(VAR) expansion, fieldRef, resourceFieldRef, configMapKeyRef), then
-$(VAR) in command and args. Every process of a pod carries the pod's marker in its environment,
-so "kill the pod" kills them all, as a container runtime does.
+`Node` turns a pod (from tests.k8s.operators or tests.k8s.kuberay) into a process: each volume
+becomes a directory (a ConfigMap's keys as files, one directory per PersistentVolumeClaim shared
+by every pod, an emptyDir per pod; the memory-backed /dev/shm is the host's own), every mount
+path and every path of the image (the repository at /app, k8s/Dockerfile) in the command, args
+and env values is replaced by its directory, env is resolved as the kubelet does (envFrom, value
+with $(VAR) expansion, fieldRef, resourceFieldRef, configMapKeyRef), then $(VAR) in command and
+args. Init containers run first, in order (not again when the pod restarts in place); once the
+main container starts the pod is Ready and the names its Services give it resolve (for
+`nslookup`, see tests.k8s.network). Every process of a pod carries the pod's marker in its
+environment, so "kill the pod" kills them all, as a container runtime does.
 
-`run_until_done` plays the controller: start the pods, restart a failed one (in place, or a
-replacement with the same index) until the workload's backoff limit, until every pod exits 0.
+With `as_pod_user`, the processes run as the pod's runAsUser/runAsGroup with fsGroup added, and
+the claims are owned by root as a volume that ignores fsGroup is (NFS, EFS, Azure Files): the
+storage test. Elsewhere everything runs as the test's own user.
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import BIN, ROOT
-from tests.k8s.operators import LOOPBACK, Network, Pod
+from tests.k8s.network import LOOPBACK, Network
+from tests.k8s.operators import Pod
 from tests.k8s.render import VAR_REF, config_maps, resource_field
 
-RESTART_DELAY_S = 0.5  # the kubelet's crash-loop backoff starts at 10 s; nothing to gain by waiting here
+IMAGE = "distributed-step"           # the image of k8s/Dockerfile(.cuda): the repository at /app
+IMAGE_PATHS = {"/app": ROOT}         # its WORKDIR, where the Dockerfiles put the repository
+POD_MARKER = "DS_K8S_POD"            # set in every emulated pod; inherited by all its processes
+DNS_ENV = "DS_K8S_DNS"               # the folder of names that resolve now, one empty file a name
+NSLOOKUP = """#!/bin/sh
+# nslookup as the cluster's DNS answers here: a name resolves while its file exists (tests/k8s/network.py).
+if [ -n "$1" ] && [ -e "$DS_K8S_DNS/$1" ]; then echo "Name: $1"; echo "Address: 127.0.0.1"; exit 0; fi
+echo "** server can't find $1: NXDOMAIN" >&2
+exit 1
+"""
 
 
-def image_env() -> dict[str, str]:
-    """What the image provides (k8s/Dockerfile): the environment with the package and Ray on PATH."""
-    return {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": os.environ.get("HOME", "/root"),
+def ours(image: str) -> bool:
+    return image.rsplit("/", 1)[-1].split(":")[0].split("@")[0] == IMAGE
+
+
+def image_env(image: str, tools: Path, home: str) -> dict[str, str]:
+    """What an image provides: ours (k8s/Dockerfile) the package and Ray on PATH; any other (the
+    operator's alpine init container) a shell, coreutils and nslookup."""
+    if not ours(image):
+        return {"PATH": f"{tools}:/usr/bin:/bin", "HOME": "/"}
+    return {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": home,
             "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -50,9 +72,6 @@ def replace_paths(text: str, mounts: dict[str, Path]) -> str:
     for mount in sorted(mounts, key=len, reverse=True):
         text = re.sub(r"(?<![\w./-])" + re.escape(mount) + r"(?=/|$|[^\w.-])", str(mounts[mount]), text)
     return text
-
-
-POD_MARKER = "DS_K8S_POD"  # set in every emulated pod; inherited by all its processes
 
 
 def _pids() -> list[int]:
@@ -74,6 +93,7 @@ class Running:
     log: Path
     attempt: int
     marker: str
+    started: float
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -105,11 +125,17 @@ class Running:
 class Node:
     """This machine as the one node every pod is scheduled on."""
 
-    def __init__(self, root: Path, objects: list[dict], net: Network, extra_env: dict | None = None):
-        self.root, self.net, self.extra_env = root, net, extra_env or {}
+    def __init__(self, root: Path, objects: list[dict], net: Network, extra_env: dict | None = None,
+                 as_pod_user: bool = False):
+        self.root, self.net, self.extra_env, self.as_pod_user = root, net, extra_env or {}, as_pod_user
         self.config_maps = config_maps(objects)
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs, self.dns, self.tools, self.home = (root / d for d in ("logs", "dns", "image-tools", "home"))
+        for folder in (self.logs, self.dns, self.tools, self.home):
+            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.home, self.dns):  # the image's HOME; the names a pod's shell publishes
+            folder.chmod(0o777)
+        (self.tools / "nslookup").write_text(NSLOOKUP)
+        (self.tools / "nslookup").chmod(0o755)
 
     # --- volumes ------------------------------------------------------------------------------
     def mounts(self, pod: Pod, container: dict) -> dict[str, Path]:
@@ -141,8 +167,12 @@ class Node:
             (path / item["path"]).write_text(data[item["key"]])
         return path
 
+    def paths(self, pod: Pod, container: dict) -> dict[str, Path]:
+        """Every path the container sees that stands for something here: the image's, then mounts."""
+        return {**(IMAGE_PATHS if ours(container.get("image", "")) else {}), **self.mounts(pod, container)}
+
     # --- environment and command line -----------------------------------------------------------
-    def environment(self, pod: Pod, container: dict, mounts: dict[str, Path]) -> dict[str, str]:
+    def environment(self, pod: Pod, container: dict, paths: dict[str, Path]) -> dict[str, str]:
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
             data = self.config_maps.get(source["configMapRef"]["name"])
@@ -153,8 +183,9 @@ class Node:
             value = expand(var["value"], env) if "value" in var else self._value_from(var, pod, container)
             if value is not None:
                 env[var["name"]] = value
-        local = {k: replace_paths(self.net.rewrite(v), mounts) for k, v in env.items()}
-        return {**image_env(), "HOSTNAME": pod.hostname, **local, **self.extra_env}
+        local = {k: replace_paths(self.net.rewrite(v), paths) for k, v in env.items()}
+        image = image_env(container.get("image", ""), self.tools, str(self.home))
+        return {**image, "HOSTNAME": pod.hostname, **local, **self.extra_env, DNS_ENV: str(self.dns)}
 
     def _value_from(self, var: dict, pod: Pod, container: dict) -> str | None:
         source = var["valueFrom"]
@@ -177,150 +208,60 @@ class Node:
             return value
         raise NotImplementedError(f"{pod.name}: {var['name']}: {source} is not emulated")
 
-    def command_line(self, container: dict, env: dict[str, str], mounts: dict[str, Path]) -> list[str]:
+    def command_line(self, container: dict, env: dict[str, str], paths: dict[str, Path]) -> list[str]:
         argv = [*container.get("command", []), *container.get("args", [])]
         if not argv:
             raise ValueError(f"container {container['name']} has no command: the image's would run")
-        return [replace_paths(self.net.rewrite(expand(a, env)), mounts) for a in argv]
+        return [replace_paths(self.net.rewrite(expand(a, env)), paths) for a in argv]
+
+    def process(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
+        paths = self.paths(pod, container)
+        env = self.environment(pod, container, paths)
+        return self.command_line(container, env, paths), env
+
+    # --- readiness: the names a pod's Services give it ------------------------------------------
+    def publish(self, pod: Pod) -> list[Path]:
+        for name in self.net.always_published():
+            (self.dns / name).touch()
+        return [self.dns / name for name in self.net.published_by(pod.name)]
+
+    def stopped(self, pod: Pod) -> None:
+        """Not Ready any more: its Ready-only names stop resolving."""
+        for name in self.net.published_by(pod.name):
+            (self.dns / name).unlink(missing_ok=True)
 
     # --- processes ----------------------------------------------------------------------------
-    def start(self, pod: Pod, attempt: int = 0) -> Running:
-        container = pod.template["spec"]["containers"][0]
-        mounts = self.mounts(pod, container)
-        env = self.environment(pod, container, mounts)
-        argv = self.command_line(container, env, mounts)
-        log = self.logs / f"{pod.name}.{attempt}.log"
+    def start(self, pod: Pod, attempt: int = 0, fresh: bool = True) -> Running:
+        """Start the pod (`fresh`: a new pod, whose init containers run first; else a restart in
+        place of its main container only)."""
+        spec = pod.template["spec"]
         marker = f"{uuid.uuid4().hex}-{pod.name}-{attempt}"
-        with open(log, "w") as out:  # cwd: the image's WORKDIR, the repository
-            proc = subprocess.Popen(argv, env={**env, POD_MARKER: marker}, cwd=ROOT, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        return Running(pod, proc, log, attempt, marker)
+        inits = [self.process(pod, c) for c in spec.get("initContainers", [])] if fresh else []
+        argv, env = self.process(pod, spec["containers"][0])
+        ready = self.publish(pod)
+        if inits:  # one shell runs them in order, publishes the names, then becomes the main container
+            def clean(step_argv: list[str], step_env: dict[str, str]) -> str:
+                return shlex.join(["env", "-i", *(f"{k}={v}" for k, v in {**step_env, POD_MARKER: marker}.items()),
+                                   *step_argv])
+            publish = [shlex.join(["touch", "--", *map(str, ready)])] if ready else []
+            script = " && ".join([*(clean(*step) for step in inits), *publish])
+            argv, env = ["/bin/sh", "-c", f"{script} && exec {clean(argv, env)}"], {"PATH": "/usr/bin:/bin"}
+        else:
+            for path in ready:
+                path.touch()
+        self.net.release(pod.serves)  # the port it serves is its own from now on
+        log = self.logs / f"{pod.name}.{attempt}.log"
+        container = spec["containers"][0]
+        cwd = IMAGE_PATHS["/app"] if ours(container.get("image", "")) else Path("/")  # the image's WORKDIR
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv, env={**env, POD_MARKER: marker}, cwd=cwd, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True, **self._identity(pod))
+        return Running(pod, proc, log, attempt, marker, time.time())
 
-
-class PodsFailed(AssertionError):
-    pass
-
-
-@dataclass
-class Outcome:
-    """Every attempt of every pod, in order: (pod name, attempt, exit code)."""
-    exits: list[tuple[str, int, int]] = field(default_factory=list)
-    runs: dict[str, list[Running]] = field(default_factory=dict)
-
-    def logs(self, tail: int = 3000) -> str:
-        return "\n".join(f"--- {r.pod.name} attempt {r.attempt}:\n{r.output()[-tail:]}"
-                         for runs in self.runs.values() for r in runs)
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-RAY_READY = "Ray runtime started"  # printed by `ray start` once its raylet has joined the cluster
-
-
-def start_ready(node: Node, pods: list[Pod], ready_line: str, started: list[Running], restarts: int = 2,
-                timeout_s: float = 180) -> None:
-    """Start pods (each run is added to `started`) and wait until each prints `ready_line`, its
-    readiness; a pod that exits first is restarted, as the kubelet restarts a RayCluster pod."""
-    runs = {pod.name: node.start(pod) for pod in pods}
-    started += runs.values()
-    deadline = time.time() + timeout_s
-    while not all(ready_line in run.output() for run in runs.values()):
-        for pod in pods:
-            run = runs[pod.name]
-            if ready_line not in run.output() and run.poll() is not None:
-                if run.attempt >= restarts:
-                    raise PodsFailed(f"{pod.name} never became ready:\n{run.output()[-3000:]}")
-                runs[pod.name] = node.start(pod, attempt=run.attempt + 1)
-                started.append(runs[pod.name])
-        if time.time() > deadline:
-            raise PodsFailed("not ready in time:\n" + "\n".join(r.output()[-2000:] for r in runs.values()))
-        time.sleep(0.2)
-
-
-def run_rayjob(node: Node, head: Pod, workers: list[Pod], submitter: Pod, backoff_limit: int,
-               timeout_s: float = 300) -> tuple[Outcome, str]:
-    """KubeRay's sequence: the Ray cluster's pods; once the cluster is Ready (every pod's raylet
-    up) the submitter, retried up to the submitter Job's backoffLimit; then the job's status as
-    the operator reads it from the head; then the cluster is deleted (SIGTERM, then SIGKILL)."""
-    # The entrypoint runs on the head, so its paths are the head's mounts.
-    head_mounts = node.mounts(head, head.template["spec"]["containers"][0])
-    box = submitter.template["spec"]["containers"][0]
-    box["args"] = [replace_paths(arg, head_mounts) for arg in box.get("args", [])]
-    job_id = re.search(r"--submission-id (\S+)", box["args"][0]).group(1)
-    cluster: list[Running] = []
-    try:
-        # One at a time: raylets that start together on one IP can miss each other's
-        # registration and time out ("Failed to get node info"); pods have IPs of their own.
-        for pod in [head, *workers]:
-            start_ready(node, [pod], RAY_READY, cluster)
-        outcome = run_until_done(node, [submitter], backoff_limit, timeout_s)
-        command = [str(BIN / "ray"), "job", "status", "--address", f"http://{LOOPBACK}:{head.serves}", job_id]
-        status = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60,
-                                env=node.environment(submitter, box, {})).stdout
-        for run in cluster:
-            outcome.runs.setdefault(run.pod.name, []).append(run)
-        return outcome, status
-    finally:
-        for run in cluster:
-            run.kill(signal.SIGTERM)
-        time.sleep(1)
-        for run in cluster:
-            run.kill()
-
-
-def run_until_done(node: Node, pods: list[Pod], backoff_limit: int, timeout_s: float = 300,
-                   during=None) -> Outcome:
-    """Run the pods as their controller would until each exits 0; `during(outcome)` is called
-    every 50 ms while they run (a test kills a pod from there)."""
-    outcome = Outcome()
-    # Only the pod whose hostname is the rendezvous host may host the store: on a cluster torch
-    # decides by hostname, here every pod is this host, so the others start once it listens.
-    serving = [p for p in pods if p.serves]
-    waiting = {p.name: 0.0 for p in pods}  # pod -> when it may (re)start
-    deadline, failures, done = time.time() + timeout_s, 0, set()
-
-    def may_start(pod: Pod) -> bool:
-        if time.time() < waiting[pod.name]:
-            return False
-        return pod.serves or all(outcome.runs.get(h.name) and outcome.runs[h.name][-1].poll() is None
-                                 and listening(h.serves) for h in serving)
-
-    try:
-        while len(done) < len(pods):
-            if time.time() > deadline:
-                raise PodsFailed(f"pods still running after {timeout_s} s:\n{outcome.logs()}")
-            for pod in pods:
-                if pod.name in waiting:
-                    if may_start(pod):
-                        runs = outcome.runs.setdefault(pod.name, [])
-                        runs.append(node.start(pod, attempt=len(runs)))
-                        del waiting[pod.name]
-                    continue
-                current = outcome.runs[pod.name][-1]
-                code = None if pod.name in done else current.poll()
-                if code is None:
-                    continue
-                outcome.exits.append((pod.name, current.attempt, code))
-                if code == 0:
-                    done.add(pod.name)
-                    continue
-                failures += 1
-                if failures > backoff_limit:
-                    raise PodsFailed(f"{pod.name} failed ({code}); backoff limit {backoff_limit} reached:\n"
-                                     f"{outcome.logs()}")
-                # A restart in place and a replacement pod both run the command afresh.
-                waiting[pod.name] = time.time() + RESTART_DELAY_S
-            if during and not waiting:
-                during(outcome)
-            time.sleep(0.05)
-        return outcome
-    finally:
-        for runs in outcome.runs.values():
-            for run in runs:
-                run.kill()
+    def _identity(self, pod: Pod) -> dict:
+        """Popen's user/group arguments: the pod's securityContext, when running as the pod's user."""
+        if not self.as_pod_user:
+            return {}
+        context = pod.template["spec"].get("securityContext", {})
+        groups = [g for g in [context.get("fsGroup"), *context.get("supplementalGroups", [])] if g is not None]
+        return {"user": context.get("runAsUser", 0), "group": context.get("runAsGroup", 0), "extra_groups": groups}

@@ -1,94 +1,74 @@
-"""What the controllers do with our objects: the pods they create and what they inject.
+"""What the training controllers do with our objects: the pods they create and what they inject.
 
 Each function takes one rendered object and returns the pods a cluster would run for it, with
-the environment the controller adds, in the controller's own terms (pod names, DNS names,
-ports), except that every DNS name and served port goes through `Network`, which maps them
-onto this machine. Emulated, read from the projects' sources (not copied):
+what the controller adds, in the controller's own terms (pod names, DNS names, ports), except
+that every DNS name and served port goes through `network.Network`, which maps them onto this
+machine. KubeRay's part is in tests.k8s.kuberay. Emulated, read from the projects' sources (not
+copied):
 
-- Kubeflow Training Operator v1.8/v1.9 PyTorchJob, pkg/controller.v1/pytorch/envvar.go,
-  master.go, elastic.go and pkg/apis/kubeflow.org/v1/pytorch_defaults.go: MASTER_ADDR /
+- Kubeflow Training Operator v1.8/v1.9 PyTorchJob (kubeflow/trainer at v1.9.4),
+  pkg/controller.v1/pytorch/envvar.go, master.go, elastic.go, initcontainer.go and
+  pkg/apis/kubeflow.org/v1/pytorch_defaults.go: PYTHONUNBUFFERED=1, MASTER_ADDR /
   PET_MASTER_ADDR = <job>-master-0 (a Service per replica), MASTER_PORT / PET_MASTER_PORT = the
   master's port named pytorchjob-port (default 23456), WORLD_SIZE = replicas x nprocPerNode,
   RANK = PET_NODE_RANK = pod index (+1 for workers), PET_NPROC_PER_NODE = spec.nprocPerNode
   (for every pod since kubeflow/training-operator#1948), PET_NNODES = all replicas; with an
   elasticPolicy instead PET_RDZV_ENDPOINT = <job>-worker-0:<rdzvPort>, PET_RDZV_BACKEND,
   PET_NNODES = min:max (default: the worker replicas), PET_MAX_RESTARTS, PET_RDZV_ID,
-  PET_RDZV_CONF = "k=v,...". Appended after the user's env, so they win.
-- Kubeflow Trainer v2 torch plugin, pkg/runtime/framework/plugins/torch/torch.go, and the
-  torch-distributed ClusterTrainingRuntime (manifests/base/runtimes/torch_distributed.yaml,
-  replicated job and container both named `node`): PET_NNODES = trainer.numNodes,
-  PET_NPROC_PER_NODE (auto on a CPU-only node becomes its CPU limit), PET_NODE_RANK = the
-  completion index (a fieldRef), PET_MASTER_ADDR = <job>-node-0-0.<job>, PET_MASTER_PORT = 29500.
-  The JobSet makes one Indexed Job <job>-node-0 with a headless Service named <job>.
+  PET_RDZV_CONF = "k=v,...". Appended after the user's env, so they win. With a Master, every
+  Worker pod gets the init container `init-pytorch`, which waits until the master's name
+  resolves. The per-replica Services are headless without publishNotReadyAddresses
+  (pkg/controller.v1/common/service.go): a pod's name resolves once it is Ready.
+- Kubeflow Trainer v2 (kubeflow/trainer at v2.3.0), pkg/runtime/framework/plugins/torch/torch.go,
+  and the torch-distributed ClusterTrainingRuntime (manifests/base/runtimes/torch_distributed.yaml,
+  replicated job and container both named `node`, no backoffLimit): PET_NNODES = numNodes,
+  PET_NPROC_PER_NODE (numProcPerNode, else on a node without GPUs its CPU request, else its CPU
+  limit, rounded up, at least 1; with GPUs "auto"), PET_NODE_RANK = the completion index (a
+  fieldRef), PET_MASTER_ADDR = <job>-node-0-0.<job>, PET_MASTER_PORT = 29500. The JobSet
+  (kubernetes-sigs/jobset at v0.12.0, pkg/webhooks/jobset_webhook.go, pkg/controllers/
+  jobset_controller.go) makes one Indexed Job <job>-node-0 whose pods restart in place
+  (restartPolicy defaults to OnFailure) and a headless Service <job> that publishes pods before
+  they are Ready.
 - The Job controller (Indexed): JOB_COMPLETION_INDEX and the annotation it comes from, the
   hostname <job>-<index>, DNS <hostname>.<subdomain> when a headless Service of that name
-  selects the pod.
-- KubeRay v1.7 RayJob (ray-operator/controllers/ray/common/pod.go, job.go): a head pod running
-  `ray start --head --block` with rayStartParams (num-cpus defaulting to the CPU limit), worker
-  pods running `ray start --address=<head>:6379 --block`, then a submitter pod whose script
-  (common/job.go GetK8sJobCommand) follows the job if it exists, else runs `ray job submit
-  --address http://<head>:8265 --submission-id <id> -- <entrypoint>`; the RayJob's outcome is
-  the job's status, which the operator reads from the head.
+  selects the pod; backoffLimit 6 when unset.
 """
 from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from tests.helpers import free_port
-from tests.k8s.render import quantity
+import yaml
 
-LOOPBACK = "127.0.0.1"
+from tests.k8s.network import Network
+from tests.k8s.render import K8S, quantity
+
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 RUNTIME_JOB = RUNTIME_CONTAINER = "node"  # torch-distributed's replicated job and container
 TRAINER_PORT = 29500                      # Trainer v2 ContainerTrainerPort
 PYTORCHJOB_PORT = ("pytorchjob-port", 23456)
-
-
-class Network:
-    """Cluster DNS on one machine: every pod is 127.0.0.1, every served port a free local one.
-
-    Only the names a controller (or a headless Service) really creates are registered, so a
-    manifest that names a host wrongly keeps the wrong name and its pods cannot connect.
-    """
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-        self.ports: dict = {}
-
-    def host(self, name: str) -> str:
-        self.names.add(name)
-        return LOOPBACK
-
-    def port(self, port: int, pod: str = "") -> int:
-        """The local port standing in for a served port (of one pod when the pods all serve it)."""
-        port = (pod, port) if pod else port
-        if port not in self.ports:
-            self.ports[port] = free_port()
-        return self.ports[port]
-
-    def endpoint(self, name: str, port: int) -> str:
-        return f"{self.host(name)}:{self.port(port)}"
-
-    def rewrite(self, text: str) -> str:
-        """Registered names in a manifest string (args, env values) -> 127.0.0.1[:local port]."""
-        for name in sorted(self.names, key=len, reverse=True):
-            pattern = r"(?<![\w.-])" + re.escape(name) + r"(?::(\d+))?(?![\w.-])"
-            text = re.sub(pattern, lambda m: LOOPBACK + (f":{self.port(int(m.group(1)))}" if m.group(1) else ""), text)
-        return text
+JOB_BACKOFF_LIMIT = 6                     # a Job's default; the TrainJob's runtime Job keeps it
 
 
 @dataclass
 class Pod:
-    """One pod as its controller creates it; `template` holds the injected env already. Whether
-    a failed pod restarts in place (OnFailure) or is replaced (Never), its command runs afresh:
-    for these pods, whose only emptyDir is /dev/shm, the two look the same from inside."""
+    """One pod as its controller creates it; `template` holds the injected env already.
+
+    `serves`: the local port of the rendezvous store it hosts (held by the Network until the pod
+    starts). A pod whose restartPolicy is OnFailure restarts in place: same pod, its init
+    containers not run again, and its restarts count against the backoff limit with `>=` (the
+    Job controller's and the training operator's rule); a Never pod is replaced and its failures
+    count with `>`."""
     name: str
     hostname: str
     template: dict
-    serves: int | None = None       # local port to wait for before the other pods start
+    serves: int | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.template["spec"].get("restartPolicy") == "OnFailure"
 
 
 def _env(name: str, value) -> dict:
@@ -115,21 +95,66 @@ def _named_port(template: dict, container: str, port_name: str, default: int) ->
 
 
 # --- Kubeflow Training Operator: PyTorchJob ---------------------------------------------------
-def pytorchjob_pods(job: dict, net: Network) -> list[Pod]:
+# The operator's flags for the worker's init container (cmd/training-operator.v1/main.go) and
+# their defaults (pkg/config/config.go): --pytorch-init-container-image alpine:3.10,
+# --pytorch-init-container-max-tries 100, --pytorch-init-container-template-file
+# /etc/config/initContainer.yaml, read if it exists, else the built-in container below.
+INIT_IMAGE, INIT_MAX_TRIES = "alpine:3.10", 100
+# The template this project gives the operator (docs/kubernetes.md): the operator as installed
+# there. None stands for an operator left with its built-in template.
+INIT_TEMPLATE = K8S / "pytorchjob" / "operator" / "initContainer.yaml"
+
+
+def init_containers(master: str, template: Path | None = INIT_TEMPLATE) -> list[dict]:
+    """What the operator adds to every Worker pod of a PyTorchJob with a Master."""
+    if template is None:  # pkg/controller.v1/pytorch/initcontainer.go: requests below limits, no securityContext
+        loop = (f"err=1;for i in $(seq {INIT_MAX_TRIES}); do if nslookup {master}; then err=0 && break; fi;"
+                "echo waiting for master; sleep 2; done; exit $err")
+        return [{"name": "init-pytorch", "image": INIT_IMAGE, "imagePullPolicy": "IfNotPresent",
+                 "resources": {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}},
+                 "command": ["sh", "-c", loop]}]
+    # The operator fills in a Go text/template; these three fields are all it passes.
+    text = template.read_text()
+    for field, value in (("InitContainerImage", INIT_IMAGE), ("MaxTries", INIT_MAX_TRIES), ("MasterAddr", master)):
+        text = text.replace("{{." + field + "}}", str(value))
+    return yaml.safe_load(text)
+
+
+def pytorchjob_templates(job: dict, init_template: Path | None = INIT_TEMPLATE) -> dict[str, dict]:
+    """Replica type -> the pod template the operator creates its pods from (before the env)."""
+    specs, found = job["spec"]["pytorchReplicaSpecs"], {}
+    for rtype, rs in specs.items():
+        template = copy.deepcopy(rs["template"])
+        # setRestartPolicy: ExitCode means Never for the pod; the operator restarts by exit code.
+        policy = rs.get("restartPolicy", "Never")
+        template["spec"]["restartPolicy"] = "Never" if policy == "ExitCode" else policy
+        if rtype == "Worker" and "Master" in specs:
+            master = f"{job['metadata']['name']}-master-0"
+            template["spec"]["initContainers"] = (template["spec"].get("initContainers", [])
+                                                  + init_containers(master, init_template))
+        found[rtype] = template
+    return found
+
+
+def pytorchjob_pods(job: dict, net: Network, init_template: Path | None = INIT_TEMPLATE) -> list[Pod]:
     name, spec = job["metadata"]["name"], job["spec"]
     specs = spec["pytorchReplicaSpecs"]
+    templates = pytorchjob_templates(job, init_template)
     counts = {rtype: rs.get("replicas", 1) for rtype, rs in specs.items()}
     nproc, elastic = spec.get("nprocPerNode"), spec.get("elasticPolicy")
     procs = int(nproc) if str(nproc).isdigit() else 1
     pods = []
     for rtype in ("Master", "Worker"):
         for index in range(counts.get(rtype, 0)):
-            env = [_env("PYTHONUNBUFFERED", "0")]
+            pod_name = f"{name}-{rtype.lower()}-{index}"
+            net.host(pod_name, ready_pod=pod_name)  # the operator's Service per replica: Ready pods only
+            env = [_env("PYTHONUNBUFFERED", "1")]
             serves = None
             if "Master" in specs:
                 port = _named_port(specs["Master"]["template"], "pytorch", *PYTORCHJOB_PORT)
                 rank = index + (rtype == "Worker")
-                addr, local_port = net.host(f"{name}-master-0"), net.port(port)
+                master = f"{name}-master-0"
+                addr, local_port = net.host(master, ready_pod=master), net.port(port)
                 env += [_env("MASTER_PORT", local_port), _env("PET_MASTER_PORT", local_port),
                         _env("MASTER_ADDR", addr), _env("PET_MASTER_ADDR", addr),
                         _env("WORLD_SIZE", sum(counts.values()) * procs), _env("RANK", rank),
@@ -142,13 +167,9 @@ def pytorchjob_pods(job: dict, net: Network) -> list[Pod]:
                 serves = net.port(_rdzv_port(elastic, specs)) if (rtype, index) == ("Worker", 0) else serves
             else:
                 env.append(_env("PET_NNODES", sum(counts.values())))
-            pod_name = f"{name}-{rtype.lower()}-{index}"
-            net.host(pod_name)  # the operator's Service per replica, named as the pod
-            template = copy.deepcopy(specs[rtype]["template"])
+            template = copy.deepcopy(templates[rtype])
             _inject(template, env)
-            # torch hosts the c10d store in the agent whose hostname is the endpoint's host; on one
-            # machine every name is this host, so that pod must simply bind first: it starts first.
-            pods.append(Pod(pod_name, pod_name, template, serves))
+            pods.append(Pod(pod_name, pod_name, template, net.hold(serves) if serves else None))
     return pods
 
 
@@ -167,14 +188,20 @@ def _elastic_env(name: str, elastic: dict, specs: dict, counts: dict, net: Netwo
         if key in elastic:
             env.append(_env(var, elastic[key]))
     if elastic.get("rdzvConf"):
-        env.append(_env("PET_RDZV_CONF", ",".join(f"{c['key']}={c['value']}" for c in elastic["rdzvConf"])))
+        env.append(_env("PET_RDZV_CONF", rdzv_conf_text(elastic)))
     if elastic.get("standalone"):
         env.append(_env("PET_STANDALONE", ""))
     return env
 
 
+def rdzv_conf_text(elastic: dict) -> str:
+    """elasticPolicy.rdzvConf as the operator passes it: PET_RDZV_CONF = "k=v,k=v"."""
+    return ",".join(f"{c['key']}={c['value']}" for c in elastic.get("rdzvConf", []))
+
+
 # --- The Job controller: Indexed Job ------------------------------------------------------------
 def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
+    """Pod 0 hosts the rendezvous store, on its container's first declared port."""
     name, spec = job["metadata"]["name"], job["spec"]
     subdomain = spec["template"]["spec"].get("subdomain")
     services = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == subdomain
@@ -187,14 +214,16 @@ def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
                   "batch.kubernetes.io/job-completion-index": str(index)}
         meta["labels"] = labels
         meta.setdefault("annotations", {})["batch.kubernetes.io/job-completion-index"] = str(index)
-        index = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
-        _inject(template, [index])
-        hostname = f"{name}-{index}"
+        _inject(template, [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}])
+        pod_name = hostname = f"{name}-{index}"
         for svc in services:  # DNS <hostname>.<subdomain>[.<namespace>.svc.cluster.local]
             if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
-                net.host(f"{hostname}.{subdomain}")
-                net.host(f"{hostname}.{subdomain}.default.svc.cluster.local")
-        pods.append(Pod(f"{name}-{index}", hostname, template))
+                gate = None if svc["spec"].get("publishNotReadyAddresses") else pod_name
+                net.host(f"{hostname}.{subdomain}", ready_pod=gate)
+                net.host(f"{hostname}.{subdomain}.default.svc.cluster.local", ready_pod=gate)
+        ports = template["spec"]["containers"][0].get("ports", [])
+        serves = net.hold(net.port(ports[0]["containerPort"])) if index == 0 and ports else None
+        pods.append(Pod(pod_name, hostname, template, serves))
     return pods
 
 
@@ -225,6 +254,7 @@ def trainjob_template(train_job: dict) -> dict:
     if "resourcesPerNode" in trainer:
         node["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
     node.setdefault("ports", []).append({"containerPort": TRAINER_PORT})
+    template["spec"].setdefault("restartPolicy", "OnFailure")  # the JobSet webhook's default
     return template
 
 
@@ -238,17 +268,18 @@ def _container(template: dict, name: str) -> dict:
 
 
 def trainjob_nproc(trainer: dict) -> str:
-    """PET_NPROC_PER_NODE as the torch plugin computes it from numProcPerNode and the resources."""
-    nproc = str(trainer.get("numProcPerNode", "auto"))
-    resources = trainer.get("resourcesPerNode")
-    if not resources or nproc not in ("auto", "cpu"):
-        return nproc
-    for section in ("limits", "requests"):
-        found = resources.get(section) or {}
-        uses_cpu = ("cpu" in found) if nproc == "cpu" else not any("gpu" in r.lower() for r in found)
-        if uses_cpu and found:
-            return str(max(1, int(quantity(found.get("cpu", 1)))))
-    return "1" if nproc == "cpu" else nproc
+    """PET_NPROC_PER_NODE as the torch plugin computes it (EnforceMLPolicy, getNumCPUPerNode):
+    numProcPerNode if set; else "auto" when the node asks for a GPU (any resource whose name holds
+    "gpu", requests before limits), else the CPU request, or the limit without one, rounded up
+    (Quantity.Value()), at least 1."""
+    if "numProcPerNode" in trainer:
+        return str(trainer["numProcPerNode"])
+    resources = trainer.get("resourcesPerNode") or {}
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    if any("gpu" in name.lower() and quantity(v) > 0 for section in (requests, limits) for name, v in section.items()):
+        return "auto"
+    cpu = requests.get("cpu") if quantity(requests.get("cpu", 0)) > 0 else limits.get("cpu", 0)
+    return str(max(1, math.ceil(quantity(cpu))))
 
 
 def trainjob_pods(train_job: dict, net: Network) -> list[Pod]:
@@ -256,10 +287,11 @@ def trainjob_pods(train_job: dict, net: Network) -> list[Pod]:
     nodes = trainer.get("numNodes", 1)
     template = trainjob_template(train_job)
     template["spec"]["subdomain"] = name
-    template["spec"].setdefault("restartPolicy", "OnFailure")
     job = {"metadata": {"name": f"{name}-{RUNTIME_JOB}-0"},
            "spec": {"completions": nodes, "parallelism": nodes, "template": template}}
-    service = {"kind": "Service", "metadata": {"name": name}, "spec": {"clusterIP": "None", "selector": {}}}
+    # The JobSet's headless Service publishes pods before they are Ready (its default).
+    service = {"kind": "Service", "metadata": {"name": name},
+               "spec": {"clusterIP": "None", "selector": {}, "publishNotReadyAddresses": True}}
     master = f"{name}-{RUNTIME_JOB}-0-0.{name}"
     env = [_env("PET_NNODES", nodes), _env("PET_NPROC_PER_NODE", trainjob_nproc(trainer)),
            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
@@ -268,67 +300,30 @@ def trainjob_pods(train_job: dict, net: Network) -> list[Pod]:
     return indexed_job_pods(job, [service], net)
 
 
-# --- KubeRay: RayJob ------------------------------------------------------------------------------
-def ray_start_params(group: dict) -> dict[str, str]:
-    """rayStartParams, with num-cpus / num-gpus from the Ray container's limits when absent."""
-    params = dict(group.get("rayStartParams") or {})
-    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
-    if "num-cpus" not in params and "cpu" in limits:
-        params["num-cpus"] = str(math.ceil(quantity(limits["cpu"])))
-    if "num-gpus" not in params and "nvidia.com/gpu" in limits:
-        params["num-gpus"] = str(int(quantity(limits["nvidia.com/gpu"])))
-    return params
-
-
-def rayjob_pods(ray_job: dict, net: Network, temp_dir: str) -> tuple[Pod, list[Pod], Pod]:
-    """(head, workers, submitter): the Ray container of each runs what KubeRay puts there."""
-    name, spec = ray_job["metadata"]["name"], ray_job["spec"]
-    cluster = spec["rayClusterSpec"]
-    head_group = cluster["headGroupSpec"]
-    head_name = f"{name}-head"
-    gcs, dashboard = net.port(6379), net.port(8265)
-    net.host(f"{name}-head-svc")
-    # Here: the job server and GCS on loopback, and a short temp dir (Ray's socket paths).
-    local = {"dashboard-host": LOOPBACK, "port": str(gcs), "dashboard-port": str(dashboard),
-             "include-dashboard": "true", "temp-dir": temp_dir, "disable-usage-stats": None}
-    head = Pod(head_name, head_name, _ray_template(head_group, ["--head"], {**ray_start_params(head_group), **local},
-                                                   head_name, net), serves=dashboard)
-    workers = []
-    for group in cluster.get("workerGroupSpecs", []):
-        params = {**ray_start_params(group), "address": f"{LOOPBACK}:{gcs}"}
-        for index in range(group.get("replicas", group.get("minReplicas", 0))):
-            pod_name = f"{name}-{group['groupName']}-worker-{index}"
-            workers.append(Pod(pod_name, pod_name, _ray_template(group, [], params, pod_name, net)))
-    submitter = copy.deepcopy(spec["submitterPodTemplate"])
-    box = submitter["spec"]["containers"][0]
-    if not box.get("command"):  # KubeRay fills in its submit script when the template has none
-        address, job_id = f"http://{LOOPBACK}:{dashboard}", f"{name}-local"
-        box["command"] = ["/bin/sh", "-c"]
-        box["args"] = [(f"if ray job status --address {address} {job_id} >/dev/null 2>&1 ; "
-                        f"then ray job logs --address {address} --follow {job_id} ; "
-                        f"else ray job submit --address {address} --submission-id {job_id} -- "
-                        f"{spec['entrypoint'].strip()} ; fi")]
-    return head, workers, Pod(f"{name}-submitter", f"{name}-submitter", submitter)
-
-
-def _ray_template(group: dict, first: list[str], params: dict, pod: str, net: Network) -> dict:
-    template = copy.deepcopy(group["template"])
-    # A port every Ray node serves (KubeRay passes 52365 to each pod): one per pod here.
-    params = {**params, "dashboard-agent-listen-port": str(net.port(52365, pod))}
-    flags = [f"--{k}" if v is None else f"--{k}={v}" for k, v in params.items()]
-    template["spec"]["containers"][0]["command"] = ["ray", "start", *first, *flags, "--block"]
-    return template
+def backoff_limit(obj: dict) -> int | None:
+    """The failures (Never) or restarts (OnFailure) the workload's controller allows; None: no limit."""
+    spec = obj["spec"]
+    if obj["kind"] == "Job":
+        return spec.get("backoffLimit", JOB_BACKOFF_LIMIT)
+    if obj["kind"] == "PyTorchJob":
+        return spec.get("runPolicy", {}).get("backoffLimit")
+    if obj["kind"] == "TrainJob":  # the runtime's Job: torch-distributed sets none, runtimePatches cannot
+        return JOB_BACKOFF_LIMIT
+    return spec.get("submitterConfig", {}).get("backoffLimit", 2)  # RayJob: the submitter Job's
 
 
 # --- every pod template an object holds, for the rules ------------------------------------------
-def pod_templates(obj: dict) -> list[tuple[str, dict, bool]]:
-    """(where, pod template, runs training?) for each pod template of a workload object."""
+def pod_templates(obj: dict, init_template: Path | None = INIT_TEMPLATE,
+                  created: bool = False) -> list[tuple[str, dict, bool]]:
+    """(where, pod template, runs training?) for each pod template of a workload object: as
+    written, or (`created`) as the operator creates its pods, with what it adds to them."""
     kind, spec = obj["kind"], obj.get("spec", {})
     if kind == "Job":
         return [("spec.template", spec["template"], True)]
     if kind == "PyTorchJob":
-        return [(f"spec.pytorchReplicaSpecs.{r}.template", rs["template"], True)
-                for r, rs in spec["pytorchReplicaSpecs"].items()]
+        templates = pytorchjob_templates(obj, init_template) if created else {
+            r: rs["template"] for r, rs in spec["pytorchReplicaSpecs"].items()}
+        return [(f"spec.pytorchReplicaSpecs.{r}.template", t, True) for r, t in templates.items()]
     if kind == "TrainJob":
         return [("spec.trainer + spec.runtimePatches", trainjob_template(obj), True)]
     if kind == "RayJob":

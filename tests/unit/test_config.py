@@ -84,3 +84,12 @@ def test_broken_yaml_is_one_line_with_the_place(tmp_path):
         parse_args(["--config", str(cfg_file)])
     message = str(err.value)
     assert message.startswith(f"--config {cfg_file}: not valid YAML at line") and "\n" not in message
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    cfg_file = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    cfg_file.write_text(f"out: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(cfg_file)])
+    assert not marker.exists()

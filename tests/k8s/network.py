@@ -1,0 +1,87 @@
+"""Cluster networking on one machine: every pod is 127.0.0.1, every served port a free local one.
+
+Only the names a controller (or a headless Service) really creates are registered, so a manifest
+that names a host wrongly keeps the wrong name and its pods cannot connect.
+
+Two cluster timings are kept rather than smoothed over:
+
+- A served port belongs to the pod that serves it. Until that pod first starts, the port is held
+  here by a socket that is bound but not listening: a connection is refused, as it is at a pod
+  whose process has not started, and no other pod can bind it. That matters because torch picks
+  the rendezvous store's host by hostname and address, and here every address is this machine:
+  without the hold, whichever agent started first would host the store. With it, a store host
+  can be started last and the other agents wait in their store client (read_timeout), as on a
+  cluster where the host's image is still being pulled.
+- A name served by a Service that lists only Ready pods (the training operator's per-replica
+  Services; a headless Service without publishNotReadyAddresses) does not resolve until that pod
+  is Ready. `kubelet.Node` publishes it then and withdraws it when the pod stops; what looks names
+  up (the PyTorchJob's init container, through `nslookup`) sees exactly that. In a process's own
+  arguments and env a name maps to 127.0.0.1 from the start: for torch's store client a missing
+  name and a closed port are the same, both retried until read_timeout.
+"""
+from __future__ import annotations
+
+import re
+import socket
+
+from tests.helpers import free_port
+
+LOOPBACK = "127.0.0.1"
+
+
+class Network:
+    def __init__(self) -> None:
+        self.names: dict[str, str | None] = {}  # name -> the pod that must be Ready for it to resolve
+        self.ports: dict = {}
+        self.held: dict[int, socket.socket] = {}
+
+    def host(self, name: str, ready_pod: str | None = None) -> str:
+        """Register a DNS name; with `ready_pod`, it resolves only while that pod is Ready (a name
+        registered both ways keeps the condition: the Service that needs readiness decides)."""
+        if ready_pod is not None or name not in self.names:
+            self.names[name] = ready_pod
+        return LOOPBACK
+
+    def port(self, port: int, pod: str = "") -> int:
+        """The local port standing in for a served port (of one pod when the pods all serve it)."""
+        port = (pod, port) if pod else port
+        if port not in self.ports:
+            self.ports[port] = free_port()
+        return self.ports[port]
+
+    def endpoint(self, name: str, port: int) -> str:
+        return f"{self.host(name)}:{self.port(port)}"
+
+    def hold(self, port: int) -> int:
+        """Keep `port` (a local one) from every process until `release`: bound, not listening.
+
+        No SO_REUSEADDR: on Linux a socket that lacks it keeps every other socket off the port,
+        even one that sets it (as torch's store server does)."""
+        if port not in self.held:
+            holder = socket.socket()
+            holder.bind((LOOPBACK, port))
+            self.held[port] = holder
+        return port
+
+    def release(self, port: int | None) -> None:
+        holder = self.held.pop(port, None)
+        if holder is not None:
+            holder.close()
+
+    def close(self) -> None:
+        for port in list(self.held):
+            self.release(port)
+
+    def published_by(self, pod: str) -> list[str]:
+        """The names that resolve once `pod` is Ready."""
+        return [name for name, owner in self.names.items() if owner == pod]
+
+    def always_published(self) -> list[str]:
+        return [name for name, owner in self.names.items() if owner is None]
+
+    def rewrite(self, text: str) -> str:
+        """Registered names in a manifest string (args, env values) -> 127.0.0.1[:local port]."""
+        for name in sorted(self.names, key=len, reverse=True):
+            pattern = r"(?<![\w.-])" + re.escape(name) + r"(?::(\d+))?(?![\w.-])"
+            text = re.sub(pattern, lambda m: LOOPBACK + (f":{self.port(int(m.group(1)))}" if m.group(1) else ""), text)
+        return text
