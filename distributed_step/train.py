@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +38,7 @@ from .dist import (
 )
 from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
 from .model import build_model
+from .preemption import StopRequest
 from .step import PhaseClock, amp, lr_factor, sgd, train_step
 from .syncbn import convert_sync_batchnorm
 
@@ -61,30 +61,6 @@ class Summary:
     eval_accuracy: float | None = None
     eval_samples: int | None = None
     replica_digests: list = field(default_factory=list)
-
-
-class _StopRequest:
-    """SIGTERM (Kubernetes, torchrun, a preempted VM) only sets a flag; the ranks agree on it
-    at the end of the step, save, and exit 0 well inside the ~30 s grace period."""
-
-    def __init__(self):
-        self.requested, self._previous = False, None
-
-    def __enter__(self):
-        # Signal handlers can only be installed from the main thread (Ray runs us in another).
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second SIGTERM: stop waiting for the step to end
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None) -> Summary:
@@ -229,7 +205,7 @@ class Run:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Summary:
         self._announce()
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             for images, labels in self._batches():  # ends after the last step, or once the ranks agree to stop
                 loss = self._step(images, labels)
                 self.stopping = self._agree(stop.requested, loss)
