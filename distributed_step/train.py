@@ -148,7 +148,7 @@ class Run:
         (FIXED_ON_RESUME), which are refused."""
         cfg, saved = self.cfg, state["config"]
         for name in FIXED_ON_RESUME:
-            if saved[name] != getattr(cfg, name):
+            if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
                                   f"{saved[name]}: a resumed run keeps its data, data order and model shape "
                                   "(use another --out, or --resume never, to start afresh)")
