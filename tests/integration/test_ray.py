@@ -34,8 +34,9 @@ TOKEN.write_text(secrets.token_hex(32))
 
 
 def ray_env(**extra) -> dict:
-    return child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(TOKEN), PATH=f"{BIN}:{os.environ['PATH']}",
-                     RAY_USAGE_STATS_ENABLED="0", **extra)
+    settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(TOKEN), "RAY_USAGE_STATS_ENABLED": "0",
+                "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return child_env(**{**settings, **extra})
 
 
 @pytest.fixture(scope="module")
