@@ -23,7 +23,7 @@ note() { echo "$*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
 
 if [ "${1:-}" = "--cpu-smoke" ]; then
-  gpus=1 size=(--image-size 32) batch=2 steps=(--steps 1 --rounds 1 --warmup 1) train_steps=3
+  gpus=1 size=(--image-size 32) batch=2 steps=(--steps 1 --rounds 1 --warmup 1) train_steps=8
   export DS_GPU_TESTS_ON_CPU=1  # the GPU tests' own code, on CPU tensors (the quick ones)
   tests=(-k "sharing or deterministic")
 else
