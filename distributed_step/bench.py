@@ -182,21 +182,37 @@ def run_rank(args: dict) -> list[dict] | None:
     env = setup(world, plan[0].cfg.backend)
     try:
         benches = [_Bench(v, env) for v in plan]
-        for bench in benches:
+        compiled = {}
+        for i, bench in enumerate(benches):
+            before = _graph_breaks()
             for mode in ("sync", "nosync"):
-                bench.run(mode, args["warmup"], record=False)
+                bench.run(mode, args["warmup"], record=False)  # compiles, with --compile
+            if bench.variant.cfg.compile:
+                # Each break splits the compiled graph in two, with Python in between.
+                after = _graph_breaks()
+                compiled[i] = {"graph_breaks": sum(after.values()) - sum(before.values()),
+                               "graph_break_reasons": sorted(" ".join(k.split())[:160] for k in after
+                                                             if after[k] > before.get(k, 0))}
         for r in range(args["rounds"]):
             # Rotate the order every round so no variant always runs first (or just after another).
             for bench in benches[r % len(benches):] + benches[:r % len(benches)]:
                 for mode in (("sync", "nosync") if r % 2 == 0 else ("nosync", "sync")):
                     bench.run(mode, args["steps"], record=True)
-        checks = [b.check_sync() if env.distributed else {} for b in benches]
+        checks = [{**(b.check_sync() if env.distributed else {}), **compiled.get(i, {})}
+                  for i, b in enumerate(benches)]
         gathered = all_gather_object([[b.summary(m) for m in ("sync", "nosync")] for b in benches], env)
     finally:
         teardown(env)
     if env.rank != 0:
         return None
     return _records(plan, gathered, checks, env, args)
+
+
+def _graph_breaks() -> dict[str, int]:
+    """Graph breaks torch.compile has taken in this process so far, by reason (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
 
 
 def _records(plan: list[Variant], gathered: list, checks: list[dict], env: DistEnv, args: dict) -> list[dict]:
@@ -277,6 +293,8 @@ def format_table(records: list[dict]) -> str:
                      f"{r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['comm_ms']:>6.1f} "
                      f"{r['optimizer_ms']:>6.1f} {r['other_ms']:>6.1f} {r['vs_bound']:>7.3f} "
                      f"{r['vs_bound_median']:>7.3f} {r['vs_slowest_bound']:>9.3f}")
+    lines += [f"{r['variant']}: {r['graph_breaks']} graph break(s) under torch.compile: "
+              + "; ".join(r["graph_break_reasons"]) for r in records if "graph_breaks" in r and r["mode"] == "sync"]
     return "\n".join(lines)
 
 
