@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -105,7 +106,14 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     if not addr or not port:
         raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: "
                           "start the ranks with torchrun (or set both)")
-    store = _store(addr, port, rank, world_size, world.local_world_size, timeout_s)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"MASTER_PORT={port} is not a port number")
+    loopback = _loopback_address(addr) if world.local_world_size == world_size else None
+    if loopback and sys.platform.startswith("linux") and not socket_ifname:
+        # Every rank is on this host: gloo's pairs too stay on loopback (it would otherwise bind
+        # the address the host name resolves to, which may face the network).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = _store(addr, int(port), rank, world_size, loopback, timeout_s)
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
@@ -119,40 +127,46 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     return DistEnv(**vars(world), backend=backend, owns_group=True)
 
 
-def _store(addr: str, port: str, rank: int, world_size: int, local_world_size: int, timeout_s: float) -> dist.Store:
+def _store(addr: str, port: int, rank: int, world_size: int, loopback: str | None, timeout_s: float) -> dist.Store:
     """The key-value store the process group forms through, built here rather than by env://:
 
     - torchrun's own store (TORCHELASTIC_USE_AGENT_STORE) outlives a restart, and torch reads it
       without a per-attempt prefix, so restarted ranks could read the dead attempt's addresses
       and wait for peers that are gone (pytorch/pytorch#135712; about half of the restarts
-      here). Each attempt gets its own prefix, which torchrun's restart count names.
+      here). Each attempt gets its own prefix, which torchrun's restart count names. That count
+      is each node's own: on several nodes it can differ (a replaced node starts at 0), so
+      multi-node jobs give each round a fresh store instead (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+      README).
     - TCPStore's client waits forever for an answer from a port that accepts connections but is
       not a store; a deadline of --timeout-s ends that wait with the endpoint named.
     - TCPStore's server listens on every interface, whatever address it is given, and anyone who
       reaches it can write the group's keys. When every rank is on this host and MASTER_ADDR is
-      a loopback address, it gets a socket bound to 127.0.0.1 instead (master_listen_fd).
+      a loopback address, it gets a socket bound to that address instead (master_listen_fd).
     """
+    deadline = time.monotonic() + timeout_s  # one budget for the port and the store's answer
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     hosts = rank == 0 and not agent_store
     if not hosts:
         _wait_for_port(addr, port, timeout_s)
     listen = {}
-    if hosts and local_world_size == world_size and _is_loopback(addr):
-        listener = socket.create_server(("127.0.0.1", int(port)), backlog=1024)
-        _LISTENERS.append(listener)  # the store serves on this fd: keep the socket open
-        listen["master_listen_fd"] = listener.fileno()
+    if hosts and loopback:
+        try:
+            listener = socket.create_server((loopback, port), backlog=1024)
+        except OSError as exc:
+            raise RendezvousError(f"MASTER_PORT={port}: cannot listen on {loopback} ({exc.strerror})") from None
+        listen["master_listen_fd"] = listener.detach()  # the store owns the socket from here on
     made: list = []
 
     def connect() -> None:
         try:
-            made.append(dist.TCPStore(addr, int(port), world_size, is_master=hosts,
+            made.append(dist.TCPStore(addr, port, world_size, is_master=hosts,
                                       timeout=timedelta(seconds=timeout_s), multi_tenant=hosts, **listen))
         except Exception as exc:  # noqa: BLE001 - reported below, in this thread
             made.append(exc)
 
     worker = threading.Thread(target=connect, name="store-connect", daemon=True)
     worker.start()
-    worker.join(timeout_s + 5)
+    worker.join(max(0.0, deadline - time.monotonic()) + 5)
     if not made:
         raise RendezvousError(f"MASTER_ADDR={addr} MASTER_PORT={port} accepts connections but did not answer "
                               f"as a c10d store within --timeout-s {timeout_s:g}: is that the rendezvous port?")
@@ -164,27 +178,25 @@ def _store(addr: str, port: str, rank: int, world_size: int, local_world_size: i
     return made[0]
 
 
-_LISTENERS: list[socket.socket] = []
-
-
-def _is_loopback(addr: str) -> bool:
+def _loopback_address(addr: str) -> str | None:
+    """The loopback address `addr` resolves to (127.0.0.1, or Debian's 127.0.1.1 for the host
+    name), or None when it is not a loopback address."""
     try:
-        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+        resolved = socket.gethostbyname(addr)
+        return resolved if ipaddress.ip_address(resolved).is_loopback else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def _wait_for_port(addr: str, port: str, timeout_s: float) -> None:
+def _wait_for_port(addr: str, port: int, timeout_s: float) -> None:
     """Wait for the rendezvous store to accept connections (pods start in any order), and fail
     with one line, not a C++ stack trace per retry, when it never does."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((addr, int(port)), timeout=min(2.0, timeout_s)):
+            with socket.create_connection((addr, port), timeout=min(2.0, timeout_s)):
                 return
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, ValueError):
-                raise ConfigError(f"MASTER_PORT={port} is not a port number") from None
+        except OSError as exc:
             if time.monotonic() >= deadline:
                 raise RendezvousError(f"no rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} within --timeout-s "
                                   f"{timeout_s:g} ({exc}); check the address, the port and the firewall") from None

@@ -28,7 +28,12 @@ def configure(deterministic: bool) -> dict:
         torch.backends.cudnn.allow_tf32 = False
     else:
         # Every step has the same shapes, so timing cuDNN's algorithms once pays for itself.
+        # The rest are torch's defaults, set back in case this process ran --deterministic before.
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
     return in_force()
 
 

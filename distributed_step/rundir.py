@@ -62,6 +62,11 @@ class RunLock:
         self.fd = fd  # kept open: closing it would release the lock
         return None
 
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the kernel drops the flock with the last descriptor
+            self.fd = None
+
 
 def _read_holder(fd: int) -> str:
     try:

@@ -80,9 +80,11 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     env = setup(world, cfg.backend, cfg.timeout_s, cfg.socket_ifname)
     setup_logging(env)
     placement.place(cfg, env)
+    lock = rundir.RunLock(cfg.out)
     try:
-        return Run(cfg, env, sets, net, on_checkpoint).fit()
+        return Run(cfg, env, sets, net, lock, on_checkpoint).fit()
     finally:
+        lock.release()
         teardown(env)
 
 
@@ -94,13 +96,12 @@ FIXED_ON_RESUME = ("data", "synthetic_samples", "image_size", "seed", "global_ba
 class Run:
     """One rank's run: the loaders, the model and its optimizer, the counters, and the loop."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, on_checkpoint):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, lock: rundir.RunLock, on_checkpoint):
         self.cfg, self.env, self.sets, self.on_checkpoint = cfg, env, sets, on_checkpoint
         self.started = time.perf_counter()
         # One writer per run directory, decided by rank 0 and told to every rank before anything
         # in --out is read or written.
-        self.lock = rundir.RunLock(cfg.out)
-        refused = broadcast_object(self.lock.acquire() if env.is_main else None, env)
+        refused = broadcast_object(lock.acquire() if env.is_main else None, env)
         if refused:
             raise ConfigError(refused)
         pin = env.device.type == "cuda"
@@ -163,9 +164,12 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         # The optimizer's state brought back the checkpoint's hyperparameters: this run's flags
         # win, and the rate of the next step comes from this run's schedule.
+        # fused/foreach too: the checkpoint's choice would otherwise come back with its groups
+        # (and a fused SGD under fp16's scaler is what sgd() forbids).
+        kernel = {k: self.optimizer.defaults[k] for k in ("fused", "foreach")}
         for group in self.optimizer.param_groups:
             group.update(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                         initial_lr=cfg.lr, lr=cfg.lr * self.schedule(state["step"]))
+                         initial_lr=cfg.lr, lr=cfg.lr * self.schedule(state["step"]), **kernel)
         self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -205,19 +209,20 @@ class Run:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Summary:
         self._announce()
+        # SIGTERM stays a flag until the end: the final checkpoint and model.pt are written too.
         with StopRequest() as stop:
             for images, labels in self._batches():  # ends after the last step, or once the ranks agree to stop
                 loss = self._step(images, labels)
                 self.stopping = self._agree(stop.requested, loss)
                 self._after_step(loss)
-        if self.bar is not None:
-            self.bar.close()
-        if self.stopping:
-            log.info("stopped by SIGTERM at step %d; checkpoint saved; run again to resume", self.step)
-            return self._finish("preempted", final=False)
-        if self.saved_step != self.step:
-            self._checkpoint()  # never lose a finished step
-        return self._finish("complete", final=True)
+            if self.bar is not None:
+                self.bar.close()
+            if self.stopping:
+                log.info("stopped by SIGTERM at step %d; checkpoint saved; run again to resume", self.step)
+                return self._finish("preempted", final=False)
+            if self.saved_step != self.step:
+                self._checkpoint()  # never lose a finished step
+            return self._finish("complete", final=True)
 
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
@@ -359,13 +364,17 @@ class Run:
             summary.replica_digests = all_gather_object(state_digest(self.net.state_dict()), env)
             if len(set(summary.replica_digests)) != 1:
                 raise TrainingError(f"replicas differ after step {self.step}: {summary.replica_digests}")
-            if env.is_main:
-                weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-                ckpt.save_atomic(weights, os.path.join(cfg.out, "model.pt"))
         summary.wall_time_s = round(time.perf_counter() - self.started, 3)
         if env.is_main:
-            with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-                json.dump(asdict(summary), fh, indent=2)
+            try:
+                if final:
+                    weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+                    ckpt.save_atomic(weights, os.path.join(cfg.out, "model.pt"))
+                with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+                    json.dump(asdict(summary), fh, indent=2)
+            except OSError as exc:  # the checkpoint of the last step is on disk: nothing is lost
+                raise TrainingError(f"--out {cfg.out}: could not write model.pt or summary.json "
+                                    f"({exc.strerror or exc}); the checkpoint of step {self.step} is kept") from None
             log.info("%s: %s", status, json.dumps({k: v for k, v in asdict(summary).items()
                                                    if k != "replica_digests"}))
         barrier(env)

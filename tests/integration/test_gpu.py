@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed_step.dist import state_digest
-from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
+from tests.helpers import TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
 pytestmark = pytest.mark.gpu
 
@@ -23,10 +23,13 @@ def worst_relative_difference(a: dict, b: dict) -> float:
 def test_two_ranks_sharing_one_gpu_over_gloo_equal_one_rank(tmp_path):
     """NCCL refuses two ranks on one device; gloo carries CUDA tensors, and GlooSyncBatchNorm
     gives the 2 x B/2 ranks the statistics of the whole batch."""
-    run_ok(torchrun_cmd(2, ONE_STEP + ["--backend", "gloo", "--out", str(tmp_path / "two")]))
-    run_ok(python_cmd(ONE_STEP + ["--out", str(tmp_path / "one")]))
+    one_gpu = child_env(CUDA_VISIBLE_DEVICES="0")  # on a host with several GPUs, still one
+    run_ok(torchrun_cmd(2, ONE_STEP + ["--backend", "gloo", "--out", str(tmp_path / "two")]), env=one_gpu)
+    run_ok(python_cmd(ONE_STEP + ["--out", str(tmp_path / "one")]), env=one_gpu)
     two, one = load_weights(tmp_path / "two" / "model.pt"), load_weights(tmp_path / "one" / "model.pt")
     assert worst_relative_difference(two, one) <= 1e-5
+    # the logged loss is the mean over both ranks' samples: the single process's, to rounding
+    assert metrics(tmp_path / "two")[0]["loss"] == pytest.approx(metrics(tmp_path / "one")[0]["loss"], rel=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torch's SyncBatchNorm runs under NCCL: 2 GPUs")

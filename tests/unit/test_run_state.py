@@ -10,6 +10,7 @@ from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.data import build_datasets
 from distributed_step.dist import detect, setup
 from distributed_step.model import build_model
+from distributed_step.rundir import RunLock
 from distributed_step.train import Run
 
 
@@ -20,7 +21,7 @@ def make_run(tmp_path, **overrides) -> Run:
     cfg = TrainConfig(**{**settings, **overrides}).validate()
     sets = build_datasets(cfg)
     torch.manual_seed(cfg.seed)
-    return Run(cfg, setup(detect(torch.device("cpu"))), sets, build_model(sets.num_classes), None)
+    return Run(cfg, setup(detect(torch.device("cpu"))), sets, build_model(sets.num_classes), RunLock(cfg.out), None)
 
 
 def assert_same(a, b, where="state"):
