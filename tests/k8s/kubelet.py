@@ -11,8 +11,8 @@ main container starts the pod is Ready and the names its Services give it resolv
 `nslookup`, see tests.k8s.network). Every process of a pod carries the pod's marker in its
 environment, so "kill the pod" kills them all, as a container runtime does.
 
-With `as_pod_user`, the processes run as the pod's runAsUser/runAsGroup with fsGroup added, and
-the claims are owned by root as a volume that ignores fsGroup is (NFS, EFS, Azure Files): the
+With `unprivileged`, the processes run without any capability (setpriv), so that file
+permissions bind them as they bind the pods' uid 1000 even where the tests run as root: the
 storage test. Elsewhere everything runs as the test's own user.
 """
 from __future__ import annotations
@@ -126,8 +126,8 @@ class Node:
     """This machine as the one node every pod is scheduled on."""
 
     def __init__(self, root: Path, objects: list[dict], net: Network, extra_env: dict | None = None,
-                 as_pod_user: bool = False):
-        self.root, self.net, self.extra_env, self.as_pod_user = root, net, extra_env or {}, as_pod_user
+                 unprivileged: bool = False):
+        self.root, self.net, self.extra_env, self.unprivileged = root, net, extra_env or {}, unprivileged
         self.config_maps = config_maps(objects)
         self.logs, self.dns, self.tools, self.home = (root / d for d in ("logs", "dns", "image-tools", "home"))
         for folder in (self.logs, self.dns, self.tools, self.home):
@@ -183,7 +183,7 @@ class Node:
             value = expand(var["value"], env) if "value" in var else self._value_from(var, pod, container)
             if value is not None:
                 env[var["name"]] = value
-        local = {k: replace_paths(self.net.rewrite(v), paths) for k, v in env.items()}
+        local = {k: replace_paths(self._names(container, v), paths) for k, v in env.items()}
         image = image_env(container.get("image", ""), self.tools, str(self.home))
         return {**image, "HOSTNAME": pod.hostname, **local, **self.extra_env, DNS_ENV: str(self.dns)}
 
@@ -212,7 +212,12 @@ class Node:
         argv = [*container.get("command", []), *container.get("args", [])]
         if not argv:
             raise ValueError(f"container {container['name']} has no command: the image's would run")
-        return [replace_paths(self.net.rewrite(expand(a, env)), paths) for a in argv]
+        return [replace_paths(self._names(container, expand(a, env)), paths) for a in argv]
+
+    def _names(self, container: dict, text: str) -> str:
+        """Our image's processes connect to names: those become 127.0.0.1. Another image's tools
+        (the init container's nslookup) look names up, in the emulated DNS: they keep them."""
+        return self.net.rewrite(text) if ours(container.get("image", "")) else text
 
     def process(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
         paths = self.paths(pod, container)
@@ -253,15 +258,9 @@ class Node:
         log = self.logs / f"{pod.name}.{attempt}.log"
         container = spec["containers"][0]
         cwd = IMAGE_PATHS["/app"] if ours(container.get("image", "")) else Path("/")  # the image's WORKDIR
+        if self.unprivileged:  # no capability survives the exec, not even root's to override file modes
+            argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *argv]
         with open(log, "w") as out:
             proc = subprocess.Popen(argv, env={**env, POD_MARKER: marker}, cwd=cwd, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, **self._identity(pod))
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         return Running(pod, proc, log, attempt, marker, time.time())
-
-    def _identity(self, pod: Pod) -> dict:
-        """Popen's user/group arguments: the pod's securityContext, when running as the pod's user."""
-        if not self.as_pod_user:
-            return {}
-        context = pod.template["spec"].get("securityContext", {})
-        groups = [g for g in [context.get("fsGroup"), *context.get("supplementalGroups", [])] if g is not None]
-        return {"user": context.get("runAsUser", 0), "group": context.get("runAsGroup", 0), "extra_groups": groups}

@@ -110,9 +110,9 @@ def init_containers(master: str, template: Path | None = INIT_TEMPLATE) -> list[
     if template is None:  # pkg/controller.v1/pytorch/initcontainer.go: requests below limits, no securityContext
         loop = (f"err=1;for i in $(seq {INIT_MAX_TRIES}); do if nslookup {master}; then err=0 && break; fi;"
                 "echo waiting for master; sleep 2; done; exit $err")
+        resources = {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}}
         return [{"name": "init-pytorch", "image": INIT_IMAGE, "imagePullPolicy": "IfNotPresent",
-                 "resources": {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}},
-                 "command": ["sh", "-c", loop]}]
+                 "resources": resources, "command": ["sh", "-c", loop]}]
     # The operator fills in a Go text/template; these three fields are all it passes.
     text = template.read_text()
     for field, value in (("InitContainerImage", INIT_IMAGE), ("MaxTries", INIT_MAX_TRIES), ("MasterAddr", master)):
@@ -214,7 +214,8 @@ def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
                   "batch.kubernetes.io/job-completion-index": str(index)}
         meta["labels"] = labels
         meta.setdefault("annotations", {})["batch.kubernetes.io/job-completion-index"] = str(index)
-        _inject(template, [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}])
+        _inject(template, [{"name": "JOB_COMPLETION_INDEX",
+                            "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}])
         pod_name = hostname = f"{name}-{index}"
         for svc in services:  # DNS <hostname>.<subdomain>[.<namespace>.svc.cluster.local]
             if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):

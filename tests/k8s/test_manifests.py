@@ -12,9 +12,10 @@ import re
 import pytest
 import yaml
 
-from tests.k8s.operators import pod_templates
+from tests.k8s.admission import domain_prefixed_path_error, operator_errors
+from tests.k8s.operators import INIT_TEMPLATE, init_containers, pod_templates
 from tests.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, need_schemas, render, workload
-from tests.k8s.rules import house_errors, operator_errors
+from tests.k8s.rules import house_errors
 from tests.k8s.validate import schema_errors
 
 # Every test that renders needs kubectl: render() skips it without one (fails it under CI).
@@ -107,6 +108,16 @@ def _set(owner: dict, key: str, value) -> None:
     owner[key] = value
 
 
+def _runtime_patch(objects) -> dict:
+    return find(objects, "TrainJob")["spec"]["runtimePatches"][0]
+
+
+def _patched_pod(objects) -> dict:
+    """The pod spec that the TrainJob's runtime patch gives the runtime's `node` job."""
+    return _runtime_patch(objects)["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"]["spec"]
+
+
 BROKEN = [
     # the operators' rules
     ("pytorchjob", lambda o: _set(_pytorchjob(o)["spec"]["pytorchReplicaSpecs"]["Master"], "replicas", 2),
@@ -126,8 +137,7 @@ BROKEN = [
     ("pytorchjob", lambda o: _set(_container(o)["resources"]["limits"], "cpu", "8"), "differ from limits"),
     ("pytorchjob/elastic", lambda o: pod_templates(workload(o))[0][1]["metadata"].pop("annotations"),
      "sidecar.istio.io/inject"),
-    ("trainjob", lambda o: find(o, "TrainJob")["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
-     ["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    ("trainjob", lambda o: _patched_pod(o)["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
     ("rayjob", lambda o: _set(find(o, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"],
                               "terminationGracePeriodSeconds", 60), "terminationGracePeriodSeconds not above"),
     ("rayjob", lambda o: _set(find(o, "RayJob")["spec"], "entrypoint",
@@ -137,6 +147,24 @@ BROKEN = [
     ("pytorchjob", lambda o: _set(find(o, "ConfigMap", "distributed-step-env")["data"],
                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not 1"),
     ("pytorchjob", lambda o: _pytorchjob(o)["spec"]["runPolicy"].pop("backoffLimit"), "spec.runPolicy.backoffLimit unset"),
+    # the Trainer's webhook (runtimePatches)
+    ("trainjob", lambda o: _set(_runtime_patch(o), "manager", "distributed-step"), "must be a domain-prefixed path"),
+    ("trainjob", lambda o: _set(_runtime_patch(o), "manager", "kueue.k8s.io/"), "must be a domain-prefixed path"),
+    ("trainjob", lambda o: _set(_runtime_patch(o), "manager", "Distributed-Step.io/k8s"), "not a lowercase RFC 1123 subdomain"),
+    ("trainjob", lambda o: _set(_patched_pod(o)["containers"][0], "env", [{"name": "A", "value": "1"}]), "no env through runtimePatches"),
+    ("trainjob", lambda o: _set(_patched_pod(o), "initContainers", [{"name": "chown", "image": "busybox"}]), "has no initContainer 'chown'"),
+    # KubeRay: the entrypoint by the image's absolute path
+    ("rayjob", lambda o: _set(find(o, "RayJob")["spec"], "entrypoint",
+                              find(o, "RayJob")["spec"]["entrypoint"].replace("/app/launch/", "launch/")), "must run python /app/launch/ray_job.py"),
+    # the c10d rendezvous outlasts a cold image pull
+    ("job", lambda o: _set(_container(o), "args", [_container(o)["args"][0].replace(",read_timeout=600", "")]), "read_timeout is unset"),
+    ("pytorchjob", lambda o: _set(_container(o), "args", [a.replace("read_timeout=600", "read_timeout=60") for a in _container(o)["args"]]),
+     "read_timeout is 60"),
+    ("pytorchjob/elastic", lambda o: _pytorchjob(o)["spec"]["elasticPolicy"]["rdzvConf"].pop(0), "join_timeout is unset"),
+    # DNS: pod 0's name must resolve before it is Ready
+    ("job", lambda o: _set(find(o, "Service")["spec"], "publishNotReadyAddresses", False), "publishNotReadyAddresses is not true"),
+    # PodSecurity restricted, every container
+    ("trainjob", lambda o: _patched_pod(o)["securityContext"].pop("seccompProfile"), "no RuntimeDefault seccomp profile"),
 ]
 
 
@@ -170,7 +198,7 @@ def test_the_images_match_what_the_pods_expect():
     cpu, cuda = (K8S / "Dockerfile").read_text(), (K8S / "Dockerfile.cuda").read_text()
     for dockerfile in (cpu, cuda):
         assert re.search(r"^USER 1000:1000$", dockerfile, re.MULTILINE)  # runAsUser/runAsGroup in every pod
-        assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)    # the RayJob runs launch/ray_job.py from there
+        assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)    # the RayJob runs /app/launch/ray_job.py
         assert "COPY launch ./launch" in dockerfile and '".[ray]"' in dockerfile
     assert "download.pytorch.org/whl/cpu" in cpu and "whl/cpu" not in cuda
     # The CUDA image keeps a base image's own torch; only a bare base gets the pinned pair.
@@ -189,3 +217,36 @@ def test_closed_schemas_still_accept_the_open_parts():
     job["metadata"]["annotations"] = {"example.com/anything": "goes"}
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"] = {"team": "vision"}
     assert schema_errors(job) == []
+
+
+@pytest.mark.parametrize("manager, refused", [
+    ("acme.io/foo", False), ("kueue.x-k8s.io/manager", False), ("distributed-step.example.com/manifests", False),
+    ("distributed-step", True), ("kueue.k8s.io/", True), ("/foo", True), ("Acme.io/foo", True), ("acme.io/fo o", True),
+    ("-acme.io/foo", True), ("a" * 254 + "/foo", True),
+])
+def test_runtime_patch_managers_are_judged_as_the_trainer_webhook_does(manager, refused):
+    """apimachinery's IsDomainPrefixedPath, which the Trainer's JobSet plugin applies to every manager."""
+    assert (domain_prefixed_path_error(manager) is not None) == refused
+
+
+def test_the_training_operators_own_init_container_breaks_guaranteed_qos_and_restricted():
+    """Without k8s/pytorchjob/operator/initContainer.yaml the operator's built-in init container
+    lands in every Worker pod: requests below limits, no securityContext."""
+    objects = render("pytorchjob")
+    assert house_errors(objects) == []
+    errors = house_errors(objects, init_template=None)
+    assert len(errors) == 2 and all(e.startswith("spec.pytorchReplicaSpecs.Worker.template: init-pytorch: ")
+                                    for e in errors), errors
+    assert any("would not be Guaranteed" in e for e in errors) and any("PodSecurity restricted" in e for e in errors)
+    # The elastic job has no Master, so no init container.
+    assert house_errors(render("pytorchjob/elastic"), init_template=None) == []
+
+
+def test_the_init_container_template_for_the_operator_is_a_valid_container():
+    master = "ds-pytorchjob-master-0"
+    (ours,), (builtin,) = init_containers(master, INIT_TEMPLATE), init_containers(master, None)
+    assert ours["name"] == builtin["name"] == "init-pytorch" and ours["image"] == builtin["image"]
+    assert f"nslookup {master}" in ours["command"][-1] and "{{" not in str(ours)
+    template = {"metadata": {}, "spec": {"initContainers": [ours], "containers": [{"name": "c", "image": "i"}]}}
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+    assert schema_errors(wrapped) == []

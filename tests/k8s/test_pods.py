@@ -1,15 +1,21 @@
 """The pods' commands really run: each CPU variant, rendered as `kubectl apply -k` would create
-it, becomes local processes with what the operator injects (tests.k8s.operators: the training
-operator's, the Trainer's, the Job controller's and KubeRay's behaviour, read from their
-sources) and what the kubelet resolves (tests.k8s.kubelet: volumes as directories, env, $(VAR)).
-Each pod is a process tree; DNS names map to 127.0.0.1. The only edits are ones a user could
-make: the ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS
-follows), and the elastic PyTorchJob's maxReplicas becomes the 2 pods it runs.
+it, becomes local processes with what the operator injects (tests.k8s.operators and
+tests.k8s.kuberay: the training operator's, the Trainer's, the Job controller's and KubeRay's
+behaviour, read from their sources) and what the kubelet resolves (tests.k8s.kubelet: volumes and
+the image's paths as directories, env, $(VAR), init containers). Each pod is a process tree;
+DNS names map to 127.0.0.1 (tests.k8s.network). The only edits are ones a user could make: the
+ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS follows), and
+the elastic PyTorchJob's minReplicas and maxReplicas become the 2 pods it runs.
 
-Failure path: a pod of the Indexed Job and the PyTorchJob's master are killed mid-run (SIGKILL of
-every process in the pod); the controller emulation restarts them as Kubernetes would, and the
-run resumes from the checkpoint on the shared volume, to the same weights as the runs that were
-never interrupted.
+Start order: the elastic PyTorchJob's rendezvous host (worker 0) starts last, longer after the
+other pod than torch's default read_timeout (60 s), as when its node pulls a cold image: the
+other agent must wait that long for the store, which only the manifests' read_timeout allows.
+
+Failure path: a pod of the Indexed Job, the PyTorchJob's master and a TrainJob node are killed
+mid-run (SIGKILL of every process in the pod); the controller emulation restarts them as
+Kubernetes would (a replacement pod, a restart in place), within the workload's backoff limit,
+and the run resumes from the checkpoint on the shared volume, to the same weights as the runs
+that were never interrupted.
 """
 from __future__ import annotations
 
@@ -23,11 +29,15 @@ import pytest
 import yaml
 
 from tests.helpers import TINY, metrics, summary
-from tests.k8s.kubelet import Node, Outcome, run_rayjob, run_until_done
-from tests.k8s.operators import Network, indexed_job_pods, pytorchjob_pods, rayjob_pods, trainjob_pods
+from tests.k8s.controller import Outcome, run_rayjob, run_until_done
+from tests.k8s.kubelet import Node
+from tests.k8s.kuberay import rayjob_pods
+from tests.k8s.network import Network
+from tests.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_pods
 from tests.k8s.render import find, need_kubectl, render, workload
 
 STEPS = 6
+HOST_LAST_S = 65  # longer than torch's default read_timeout, 60 s
 # conftest's TINY flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
 # 2 steps: a pod killed after the first one has 4 steps left to lose.
 TINY_CONFIG = {**{k.lstrip("-").replace("-", "_"): v for k, v in zip(TINY[::2], TINY[1::2])},
@@ -75,21 +85,23 @@ def kill_after_first_checkpoint(out: Path, pod: str, killed: list):
     return during
 
 
-def run_torchrun_variant(variant: str, root: Path, kill: str | None = None, edit=None) -> Run:
+def run_torchrun_variant(variant: str, root: Path, kill: str | None = None, edit=None,
+                         host_last_s: float | None = None) -> Run:
     objects = prepared(variant)
     obj = workload(objects)
     if edit:
         edit(obj)
     net = Network()
     if obj["kind"] == "Job":
-        pods, limit = indexed_job_pods(obj, objects, net), obj["spec"]["backoffLimit"]
+        pods = indexed_job_pods(obj, objects, net)
     elif obj["kind"] == "PyTorchJob":
-        pods, limit = pytorchjob_pods(obj, net), obj["spec"]["runPolicy"]["backoffLimit"]
-    else:  # the runtime's Job decides TrainJob retries; none are needed here
-        pods, limit = trainjob_pods(obj, net), 0
+        pods = pytorchjob_pods(obj, net)
+    else:
+        pods = trainjob_pods(obj, net)
     out, killed = run_dir(objects, root), []
     during = kill_after_first_checkpoint(out, kill, killed) if kill else None
-    outcome = run_until_done(Node(root, objects, net), pods, limit, timeout_s=300, during=during)
+    outcome = run_until_done(Node(root, objects, net), pods, backoff_limit(obj), timeout_s=300 + (host_last_s or 0),
+                             during=during, host_last_s=host_last_s)
     assert killed == ([kill] if kill else []), "the run ended before the pod could be killed"
     return Run(out, outcome, kill)
 
@@ -110,16 +122,20 @@ def run_rayjob_variant(root: Path) -> Run:
 
 def two_pods_are_all(obj: dict) -> None:
     # maxReplicas = the 2 pods we run: with room for more, every rendezvous would wait its
-    # last_call_timeout (30 s) for pods that are never coming.
-    obj["spec"]["elasticPolicy"]["maxReplicas"] = 2
+    # last_call_timeout (30 s) for pods that are never coming. minReplicas too: the host starts
+    # last, and the other agent's store client retries with a growing backoff (here it connected
+    # ~35 s after the store came up), longer than that last call; with 1 the host would train
+    # alone and a 6-step run end before the other joined.
+    obj["spec"]["elasticPolicy"]["maxReplicas"] = obj["spec"]["elasticPolicy"]["minReplicas"] = 2
 
 
 PLANS = {  # variant -> how it runs; the longest first
+    "pytorchjob/elastic": lambda root: run_torchrun_variant("pytorchjob/elastic", root, edit=two_pods_are_all,
+                                                            host_last_s=HOST_LAST_S),
     "rayjob": lambda root: run_rayjob_variant(root),
     "job": lambda root: run_torchrun_variant("job", root, kill="ds-job-1"),
     "pytorchjob": lambda root: run_torchrun_variant("pytorchjob", root, kill="ds-pytorchjob-master-0"),
-    "pytorchjob/elastic": lambda root: run_torchrun_variant("pytorchjob/elastic", root, edit=two_pods_are_all),
-    "trainjob": lambda root: run_torchrun_variant("trainjob", root),
+    "trainjob": lambda root: run_torchrun_variant("trainjob", root, kill="ds-trainjob-node-0-1"),
 }
 
 
@@ -174,12 +190,22 @@ def test_pytorchjob_master_killed_mid_run_every_pod_restarts_and_resumes(runs):
     assert [code for pod, _, code in pytorchjob.outcome.exits if pod == "ds-pytorchjob-worker-0"] == [1, 0]
 
 
-def test_elastic_pytorchjob_completes(runs):
-    assert_complete(ran(runs, "pytorchjob/elastic"))
+def test_elastic_pytorchjob_completes_with_its_rendezvous_host_started_last(runs):
+    elastic = ran(runs, "pytorchjob/elastic")
+    assert_complete(elastic)
+    host, other = (elastic.outcome.runs[f"ds-pytorchjob-elastic-worker-{i}"] for i in (0, 1))
+    assert host[0].started - other[0].started >= HOST_LAST_S
+    # The other agent waited in its store client, longer than torch's default read_timeout, and
+    # went on: no restart, one run.
+    assert [code for pod, _, code in elastic.outcome.exits if pod.endswith("worker-1")] == [0]
 
 
-def test_trainjob_completes(runs):
-    assert_complete(ran(runs, "trainjob"))
+def test_trainjob_node_killed_mid_run_both_restart_in_place_and_resume(runs):
+    trainjob = ran(runs, "trainjob")
+    assert_resumed(trainjob)
+    # Static rendezvous: the surviving node's torchrun fails with its peer and restarts in place
+    # too, and both meet again: 2 of the 6 restarts the runtime's Job allows (backoffLimit, >=).
+    assert [code for pod, _, code in trainjob.outcome.exits if pod == "ds-trainjob-node-0-0"] == [1, 0]
 
 
 def test_rayjob_completes_with_its_checkpoints_on_the_shared_volume(runs):

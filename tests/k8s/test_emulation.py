@@ -1,0 +1,136 @@
+"""The emulation itself is no kinder than the operators: what each controller injects and how it
+counts failures, the Ready-only DNS of the training operator's Services, the init container it
+adds, a store port that only its pod can serve, KubeRay's submitter script, the image's paths.
+Quick: no training runs here (tests/k8s/test_pods.py runs the pods).
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.k8s.controller import PodsFailed, run_until_done
+from tests.k8s.kubelet import Node, replace_paths
+from tests.k8s.kuberay import rayjob_pods
+from tests.k8s.network import LOOPBACK, Network
+from tests.k8s.operators import Pod, backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_nproc, trainjob_pods
+from tests.k8s.render import find, render, workload
+
+
+def env_list(pod: Pod) -> list[tuple[str, str]]:
+    return [(e["name"], e.get("value")) for e in pod.template["spec"]["containers"][0]["env"]]
+
+
+def test_the_training_operator_appends_pythonunbuffered_1():
+    pods = pytorchjob_pods(workload(render("pytorchjob")), Network())
+    for pod in pods:
+        env = env_list(pod)
+        # appended after the user's env (the last of a name wins), with the operator's value
+        assert env.index(("PYTHONUNBUFFERED", "1")) > env.index(("OMP_NUM_THREADS", None))
+
+
+@pytest.mark.parametrize("trainer, expected", [
+    ({"numProcPerNode": 3, "resourcesPerNode": {"limits": {"cpu": "8"}}}, "3"),
+    ({"resourcesPerNode": {"requests": {"cpu": "2"}, "limits": {"cpu": "4"}}}, "2"),   # the request first
+    ({"resourcesPerNode": {"requests": {"cpu": "1500m"}, "limits": {"cpu": "4"}}}, "2"),  # rounded up
+    ({"resourcesPerNode": {"limits": {"cpu": "4"}}}, "4"),                             # no request: the limit
+    ({"resourcesPerNode": {"requests": {"cpu": "100m"}}}, "1"),                        # at least one
+    ({"resourcesPerNode": {"limits": {"cpu": "8", "nvidia.com/gpu": "2"}}}, "auto"),   # GPUs: torchrun decides
+    ({}, "1"),
+])
+def test_the_trainer_counts_processes_per_node_as_its_torch_plugin(trainer, expected):
+    assert trainjob_nproc(trainer) == expected
+
+
+def failing_pod(name: str, policy: str) -> Pod:
+    container = {"name": "c", "image": "distributed-step", "command": ["sh", "-c", "exit 3"]}
+    return Pod(name, name, {"metadata": {}, "spec": {"restartPolicy": policy, "containers": [container]}})
+
+
+@pytest.mark.parametrize("policy, limit, runs", [
+    ("OnFailure", 2, 2),  # restarts in place: the job fails once they reach the limit (>=)
+    ("OnFailure", 0, 1),
+    ("Never", 2, 3),      # replaced pods: once the failures exceed it (>)
+    ("Never", 0, 1),
+])
+def test_backoff_limits_count_as_the_controllers_do(tmp_path, policy, limit, runs):
+    node = Node(tmp_path, [], Network())
+    with pytest.raises(PodsFailed) as failed:
+        run_until_done(node, [failing_pod("p", policy)], limit, timeout_s=60)
+    assert f"backoff limit {limit} reached" in str(failed.value)
+    assert len(list((tmp_path / "logs").glob("p.*.log"))) == runs
+
+
+def test_a_trainjob_node_restarts_in_place_within_the_runtime_jobs_default_limit():
+    job = workload(render("trainjob"))
+    assert backoff_limit(job) == 6
+    assert all(pod.in_place for pod in trainjob_pods(job, Network()))
+
+
+def test_a_store_port_refuses_connections_and_binds_until_its_pod_serves():
+    net = Network()
+    port = net.hold(net.port(29400))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, port), timeout=2).close()
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store server does
+    with pytest.raises(OSError):
+        other.bind((LOOPBACK, port))
+    net.release(port)
+    other.bind((LOOPBACK, port))
+    other.close()
+
+
+def test_indexed_job_names_wait_for_readiness_only_without_publish_not_ready_addresses():
+    objects = render("job")
+    assert all(owner is None for owner in _names(objects).values())
+    find(objects, "Service")["spec"]["publishNotReadyAddresses"] = False
+    assert _names(objects) == {"ds-job-0.ds-job": "ds-job-0", "ds-job-1.ds-job": "ds-job-1"}
+
+
+def _names(objects: list[dict]) -> dict:
+    net = Network()
+    indexed_job_pods(workload(objects), objects, net)
+    net.close()
+    return {name: owner for name, owner in net.names.items() if not name.endswith(".svc.cluster.local")}
+
+
+def test_a_pytorchjob_worker_waits_in_its_init_container_until_the_master_is_ready(tmp_path):
+    """The operator's init container, run as it is (nslookup answered as the cluster's DNS would:
+    the master's per-replica Service lists it once it is Ready). The master starts 3 s after the
+    worker; the worker's main container only after that."""
+    objects = render("pytorchjob")
+    net, seen = Network(), tmp_path / "master-started"
+    pods = pytorchjob_pods(workload(objects), net)
+    master, worker = pods
+    master.template["spec"]["containers"][0]["command"] = ["sh", "-c", f"touch {seen}; sleep 2"]
+    worker.template["spec"]["containers"][0]["command"] = ["sh", "-c", f"test -e {seen} && echo saw the master"]
+    for pod in pods:
+        pod.template["spec"]["containers"][0]["args"] = []
+    outcome = run_until_done(Node(tmp_path, objects, net), pods, 0, timeout_s=60, host_last_s=3)
+    log = outcome.runs["ds-pytorchjob-worker-0"][0].output()
+    assert "waiting for ds-pytorchjob-master-0" in log and "Name: ds-pytorchjob-master-0" in log, log
+    assert log.rstrip().endswith("saw the master"), log
+    assert sorted(outcome.exits) == [("ds-pytorchjob-master-0", 0, 0), ("ds-pytorchjob-worker-0", 0, 0)]
+
+
+def test_kuberays_submitter_waits_for_the_gcs_submits_without_waiting_then_follows():
+    ray_job = workload(render("rayjob"))
+    _, _, submitter = rayjob_pods(ray_job, Network(), "/tmp/ray")
+    box = submitter.template["spec"]["containers"][0]
+    script = box["args"][0]
+    assert box["command"] == ["/bin/bash", "-ce", "--"]
+    assert script.startswith("until python -c ") and "/api/gcs_healthz" in script
+    submit = script.index("ray job submit ")
+    assert "--no-wait" in script[submit:script.index(" -- ", submit)]
+    assert script.rstrip().endswith("--follow ds-rayjob-local") and "ray job logs" in script
+
+
+def test_the_image_paths_map_to_the_checkout(tmp_path):
+    objects = render("rayjob")
+    head, _, _ = rayjob_pods(workload(objects), Network(), "/tmp/ray")
+    paths = Node(tmp_path, objects, Network()).paths(head, head.template["spec"]["containers"][0])
+    entrypoint = replace_paths(workload(objects)["spec"]["entrypoint"], paths)
+    assert entrypoint.startswith(f"python {ROOT}/launch/ray_job.py ") and (ROOT / "launch" / "ray_job.py").is_file()
+    assert f"--out {tmp_path}/claims/distributed-step-runs/ds-rayjob " in entrypoint
