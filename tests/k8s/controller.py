@@ -62,10 +62,10 @@ def run_until_done(node: Node, pods: list[Pod], backoff_limit: int | None, timeo
     """Run the pods as their controller would until each exits 0; `during(outcome)` is called
     every 50 ms once all run (a test kills a pod from there).
 
-    Every pod starts at once, except with `host_last_s`: a pod that hosts a rendezvous store
-    (`Pod.serves`) starts that long after every other pod has started, as when its node pulls a
-    cold image. Its port is held until then (tests.k8s.network), so the others wait for it in
-    their store clients, as on a cluster."""
+    A pod that hosts a rendezvous store (`Pod.serves`) starts first, and the others once it
+    serves. With `host_last_s` it starts that long after every other pod instead, as when its
+    node pulls a cold image: its port is held until then (tests.k8s.network), so the others find
+    it taken and wait for it in their store clients, as on a cluster."""
     outcome = Outcome()
     hosts, others = [p for p in pods if p.serves], [p for p in pods if not p.serves]
     waiting = {p.name: 0.0 for p in pods}  # pod -> when it may (re)start
@@ -82,11 +82,13 @@ def run_until_done(node: Node, pods: list[Pod], backoff_limit: int | None, timeo
                 return True
             return all(map(started, others)) and time.time() >= max(
                 [outcome.runs[p.name][0].started for p in others], default=0) + host_last_s
-        if not started(pod):
+        if host_last_s and not started(pod):
             return True
-        # A restart waits until the hosts serve again: once a host has started its port is no longer
-        # held (a killed host leaves it in TIME_WAIT, which a holder without SO_REUSEADDR cannot bind),
-        # and a restarted agent here, where every address is this machine, would take the store.
+        # Otherwise, and for every restart, once the hosts serve: the hold ends when the host's
+        # process starts, not when it binds (nor comes back: a killed host leaves its port in
+        # TIME_WAIT, which a holder without SO_REUSEADDR cannot bind), and an agent here, where
+        # every address is this machine, could bind the store first and host it, which on a
+        # cluster (another hostname) it never would.
         return all(started(h) and outcome.runs[h.name][-1].poll() is None and listening(h.serves) for h in hosts)
 
     try:

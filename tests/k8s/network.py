@@ -9,9 +9,10 @@ Two cluster timings are kept rather than smoothed over:
   here by a socket that is bound but not listening: a connection is refused, as it is at a pod
   whose process has not started, and no other pod can bind it. That matters because torch picks
   the rendezvous store's host by hostname and address, and here every address is this machine:
-  without the hold, whichever agent started first would host the store. With it, a store host
-  can be started last and the other agents wait in their store client (read_timeout), as on a
-  cluster where the host's image is still being pulled.
+  an agent that finds the port free may host the store itself. With the hold, a store host can
+  be started last (tests.k8s.controller) and the other agents, finding the port taken, wait in
+  their store clients (read_timeout), as on a cluster where the host's image is still being
+  pulled.
 - A name served by a Service that lists only Ready pods (the training operator's per-replica
   Services; a headless Service without publishNotReadyAddresses) does not resolve until that pod
   is Ready. `kubelet.Node` publishes it then and withdraws it when the pod stops; what looks names
