@@ -13,11 +13,13 @@ FUSE mounts) report an error: the run then goes on, with a warning, unprotected.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import time
 
 from .config import ConfigError
@@ -31,9 +33,26 @@ def prepare(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create the run directory ({exc.strerror})") from None
+        raise ConfigError(f"--out {out}: cannot create the run directory ({exc.strerror}){_whose(out, exc)}") from None
     if not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {out}: the run directory is not writable")
+        raise ConfigError(f"--out {out}: the run directory is not writable{_whose(out, None)}")
+
+
+def _whose(out: str, exc: OSError | None) -> str:
+    """For a permission error: who we are and who owns the nearest existing folder. A shared
+    volume in Kubernetes often ignores fsGroup and stays root-owned (docs/kubernetes.md)."""
+    if exc is not None and exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    folder = os.path.abspath(out)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return ""
+    return (f" as uid {os.getuid()} gid {os.getgid()}; {folder} is owned by uid {info.st_uid} gid {info.st_gid}, "
+            f"mode {stat.S_IMODE(info.st_mode):o}: make it writable for this uid (on Kubernetes most shared volumes "
+            "ignore fsGroup: docs/kubernetes.md)")
 
 
 class RunLock:

@@ -68,7 +68,8 @@ def wait_for(condition, runs: list, timeout_s: float = 120) -> None:
 
 def test_a_volume_of_another_owner_stops_the_pods_at_once_naming_the_run_directory(node_root):
     runs, claim = start_job(node_root, claim_owner=NOBODY)
-    message = re.compile(re.escape(f"--out {claim}/ds-job: cannot create the run directory (Permission denied)"))
+    message = re.compile(re.escape(f"--out {claim}/ds-job: cannot create the run directory (Permission denied) as uid ")
+                         + rf".*; {re.escape(str(claim))} is owned by uid {NOBODY} .*docs/kubernetes\.md")
     wait_for(lambda: any(message.search(r.output()) for r in runs), runs)
     assert not (claim / "ds-job").exists()
     assert not any("Traceback" in r.output() for r in runs), "a traceback instead of one line"
