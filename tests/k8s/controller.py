@@ -148,10 +148,12 @@ def start_ready(node: Node, pods: list[Pod], ready_line: str, started: list[Runn
 
 
 def run_rayjob(node: Node, head: Pod, workers: list[Pod], submitter: Pod, backoff_limit: int,
-               timeout_s: float = 300) -> tuple[Outcome, str]:
+               timeout_s: float = 300) -> tuple[Outcome, str, subprocess.CompletedProcess]:
     """KubeRay's sequence: the Ray cluster's pods; once the cluster is Ready (every pod's raylet
     up) the submitter, retried up to the submitter Job's backoffLimit; then the job's status as
-    the operator reads it from the head; then the cluster is deleted (SIGTERM, then SIGKILL)."""
+    the operator reads it from the head; then the cluster is deleted (SIGTERM, then SIGKILL).
+    Before that, one more submission, by whoever reaches the head's port without the token
+    (`anonymous_submission`): with token authentication the head must refuse it."""
     # The entrypoint runs on the head, so its paths are the head's (the image's and its mounts).
     head_paths = node.paths(head, head.template["spec"]["containers"][0])
     box = submitter.template["spec"]["containers"][0]
@@ -165,11 +167,12 @@ def run_rayjob(node: Node, head: Pod, workers: list[Pod], submitter: Pod, backof
         outcome = run_until_done(node, [submitter], backoff_limit, timeout_s)
         command = [str(BIN / "ray"), "job", "status", "--address", f"http://{LOOPBACK}:{head.serves}",
                    submission_id(submitter)]
-        status = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60,
-                                env=node.environment(submitter, box, {})).stdout
+        env = node.environment(submitter, box, {})
+        status = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60, env=env).stdout
+        anonymous = anonymous_submission(node, head, env)
         for run in cluster:
             outcome.runs.setdefault(run.pod.name, []).append(run)
-        return outcome, status
+        return outcome, status, anonymous
     finally:
         for run in cluster:
             run.kill(signal.SIGTERM)
@@ -177,3 +180,14 @@ def run_rayjob(node: Node, head: Pod, workers: list[Pod], submitter: Pod, backof
         for run in cluster:
             run.kill()
 
+
+
+def anonymous_submission(node: Node, head: Pod, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`ray job submit` to the head's job server as the submitter would, less the token: no
+    RAY_AUTH_* variables and a HOME without ~/.ray/auth_token (where Ray also looks for one)."""
+    home = node.root / "anonymous-home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    command = [str(BIN / "ray"), "job", "submit", "--address", f"http://{LOOPBACK}:{head.serves}", "--no-wait",
+               "--", "echo", "anyone can run code here"]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=60, env=env)

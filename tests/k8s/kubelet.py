@@ -5,7 +5,7 @@ becomes a directory (a ConfigMap's keys as files, one directory per PersistentVo
 by every pod, an emptyDir per pod; the memory-backed /dev/shm is the host's own), every mount
 path and every path of the image (the repository at /app, k8s/Dockerfile) in the command, args
 and env values is replaced by its directory, env is resolved as the kubelet does (envFrom, value
-with $(VAR) expansion, fieldRef, resourceFieldRef, configMapKeyRef), then $(VAR) in command and
+with $(VAR) expansion, fieldRef, resourceFieldRef, configMapKeyRef, secretKeyRef), then $(VAR) in command and
 args. Init containers run first, in order (not again when the pod restarts in place); once the
 main container starts the pod is Ready and the names its Services give it resolve (for
 `nslookup`, see tests.k8s.network). Every process of a pod carries the pod's marker in its
@@ -17,6 +17,7 @@ storage test. Elsewhere everything runs as the test's own user.
 """
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import BIN, ROOT
+from tests.k8s.netpol import policies_of
 from tests.k8s.network import LOOPBACK, Network
 from tests.k8s.operators import Pod
 from tests.k8s.render import VAR_REF, config_maps, resource_field
@@ -43,6 +45,12 @@ if [ -n "$1" ] && [ -e "$DS_K8S_DNS/$1" ]; then echo "Name: $1"; echo "Address: 
 echo "** server can't find $1: NXDOMAIN" >&2
 exit 1
 """
+
+
+def _secret_data(secret: dict) -> dict[str, str]:
+    """A Secret's keys as the container sees them: data base64-decoded, stringData as written."""
+    data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    return {**data, **(secret.get("stringData") or {})}
 
 
 def ours(image: str) -> bool:
@@ -129,6 +137,8 @@ class Node:
                  unprivileged: bool = False):
         self.root, self.net, self.extra_env, self.unprivileged = root, net, extra_env or {}, unprivileged
         self.config_maps = config_maps(objects)
+        self.secrets = {o["metadata"]["name"]: _secret_data(o) for o in objects if o["kind"] == "Secret"}
+        net.policies = policies_of(objects)  # what decides which names a pod may reach
         self.logs, self.dns, self.tools, self.home = (root / d for d in ("logs", "dns", "image-tools", "home"))
         for folder in (self.logs, self.dns, self.tools, self.home):
             folder.mkdir(parents=True, exist_ok=True)
@@ -183,7 +193,7 @@ class Node:
             value = expand(var["value"], env) if "value" in var else self._value_from(var, pod, container)
             if value is not None:
                 env[var["name"]] = value
-        local = {k: replace_paths(self._names(container, v), paths) for k, v in env.items()}
+        local = {k: replace_paths(self._names(pod, container, v), paths) for k, v in env.items()}
         image = image_env(container.get("image", ""), self.tools, str(self.home))
         return {**image, "HOSTNAME": pod.hostname, **local, **self.extra_env, DNS_ENV: str(self.dns)}
 
@@ -200,29 +210,32 @@ class Node:
         if "resourceFieldRef" in source:
             ref = source["resourceFieldRef"]
             return resource_field(container.get("resources", {}), ref["resource"], ref.get("divisor", "1"))
-        if "configMapKeyRef" in source:
-            ref = source["configMapKeyRef"]
-            value = self.config_maps.get(ref["name"], {}).get(ref["key"])
-            if value is None and not ref.get("optional"):
-                raise LookupError(f"{pod.name}: {var['name']}: no key {ref['key']} in ConfigMap {ref['name']}")
-            return value
+        refs = (("secretKeyRef", "Secret", self.secrets), ("configMapKeyRef", "ConfigMap", self.config_maps))
+        for key, kind, store in refs:
+            if key in source:
+                ref = source[key]
+                value = store.get(ref["name"], {}).get(ref["key"])
+                if value is None and not ref.get("optional"):
+                    raise LookupError(f"{pod.name}: {var['name']}: no key {ref['key']} in {kind} {ref['name']}")
+                return value
         raise NotImplementedError(f"{pod.name}: {var['name']}: {source} is not emulated")
 
-    def command_line(self, container: dict, env: dict[str, str], paths: dict[str, Path]) -> list[str]:
+    def command_line(self, pod: Pod, container: dict, env: dict[str, str], paths: dict[str, Path]) -> list[str]:
         argv = [*container.get("command", []), *container.get("args", [])]
         if not argv:
             raise ValueError(f"container {container['name']} has no command: the image's would run")
-        return [replace_paths(self._names(container, expand(a, env)), paths) for a in argv]
+        return [replace_paths(self._names(pod, container, expand(a, env)), paths) for a in argv]
 
-    def _names(self, container: dict, text: str) -> str:
-        """Our image's processes connect to names: those become 127.0.0.1. Another image's tools
-        (the init container's nslookup) look names up, in the emulated DNS: they keep them."""
-        return self.net.rewrite(text) if ours(container.get("image", "")) else text
+    def _names(self, pod: Pod, container: dict, text: str) -> str:
+        """Our image's processes connect to names: those become 127.0.0.1 where the NetworkPolicies
+        let this pod reach them (tests.k8s.network). Another image's tools (the init container's
+        nslookup) look names up, in the emulated DNS: they keep them."""
+        return self.net.rewrite(text, source=pod.name) if ours(container.get("image", "")) else text
 
     def process(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
         paths = self.paths(pod, container)
         env = self.environment(pod, container, paths)
-        return self.command_line(container, env, paths), env
+        return self.command_line(pod, container, env, paths), env
 
     # --- readiness: the names a pod's Services give it ------------------------------------------
     def publish(self, pod: Pod) -> list[Path]:

@@ -154,7 +154,9 @@ def pytorchjob_pods(job: dict, net: Network, init_template: Path | None = INIT_T
                 port = _named_port(specs["Master"]["template"], "pytorch", *PYTORCHJOB_PORT)
                 rank = index + (rtype == "Worker")
                 master = f"{name}-master-0"
-                addr, local_port = net.host(master, ready_pod=master), net.port(port)
+                # The name, as the operator writes it: the kubelet (tests.k8s.kubelet) maps it per pod.
+                net.host(master, ready_pod=master)
+                addr, local_port = master, net.port(port)
                 env += [_env("MASTER_PORT", local_port), _env("PET_MASTER_PORT", local_port),
                         _env("MASTER_ADDR", addr), _env("PET_MASTER_ADDR", addr),
                         _env("WORLD_SIZE", sum(counts.values()) * procs), _env("RANK", rank),
@@ -169,6 +171,12 @@ def pytorchjob_pods(job: dict, net: Network, init_template: Path | None = INIT_T
                 env.append(_env("PET_NNODES", sum(counts.values())))
             template = copy.deepcopy(templates[rtype])
             _inject(template, env)
+            # The operator's labels (its JobNameLabel, ReplicaTypeLabel, ReplicaIndexLabel) beside the
+            # template's own: what a NetworkPolicy sees of the pod.
+            template.setdefault("metadata", {})["labels"] = {
+                **template["metadata"].get("labels", {}), "training.kubeflow.org/job-name": name,
+                "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(index)}
+            net.pod(pod_name, template)
             pods.append(Pod(pod_name, pod_name, template, net.hold(serves) if serves else None))
     return pods
 
@@ -220,10 +228,11 @@ def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
         for svc in services:  # DNS <hostname>.<subdomain>[.<namespace>.svc.cluster.local]
             if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
                 gate = None if svc["spec"].get("publishNotReadyAddresses") else pod_name
-                net.host(f"{hostname}.{subdomain}", ready_pod=gate)
-                net.host(f"{hostname}.{subdomain}.default.svc.cluster.local", ready_pod=gate)
+                net.host(f"{hostname}.{subdomain}", ready_pod=gate, pod=pod_name)
+                net.host(f"{hostname}.{subdomain}.default.svc.cluster.local", ready_pod=gate, pod=pod_name)
         ports = template["spec"]["containers"][0].get("ports", [])
         serves = net.hold(net.port(ports[0]["containerPort"])) if index == 0 and ports else None
+        net.pod(pod_name, template)
         pods.append(Pod(pod_name, hostname, template, serves))
     return pods
 
@@ -293,10 +302,10 @@ def trainjob_pods(train_job: dict, net: Network) -> list[Pod]:
     # The JobSet's headless Service publishes pods before they are Ready (its default).
     service = {"kind": "Service", "metadata": {"name": name},
                "spec": {"clusterIP": "None", "selector": {}, "publishNotReadyAddresses": True}}
-    master = f"{name}-{RUNTIME_JOB}-0-0.{name}"
+    master = f"{name}-{RUNTIME_JOB}-0-0.{name}"  # registered with its pod by indexed_job_pods
     env = [_env("PET_NNODES", nodes), _env("PET_NPROC_PER_NODE", trainjob_nproc(trainer)),
            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
-           _env("PET_MASTER_ADDR", net.host(master)), _env("PET_MASTER_PORT", net.port(TRAINER_PORT))]
+           _env("PET_MASTER_ADDR", master), _env("PET_MASTER_PORT", net.port(TRAINER_PORT))]
     _inject(template, env, upsert=True)
     return indexed_job_pods(job, [service], net)
 

@@ -6,15 +6,17 @@ with the training operator's init container in a PyTorchJob's workers): a memory
 PodSecurity "restricted" settings (non-root, no privilege escalation, no capabilities, a seccomp
 profile) in every container, a grace period longer than torchrun's shutdown timeout, the run
 directory on the shared volume, no Istio sidecar, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, c10d
-rendezvous timeouts that outlast a cold image pull, and the retry and deadline limits each kind
-has. It returns a list of messages, empty when all holds. The operators' own admission rules are
-in tests.k8s.admission.
+rendezvous timeouts that outlast a cold image pull, the retry and deadline limits each kind
+has, a NetworkPolicy that selects every pod and admits the job's own pods (tests.k8s.netpol),
+and a RayJob's token authentication. It returns a list of messages, empty when all holds. The
+operators' own admission rules are in tests.k8s.admission.
 """
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+from tests.k8s.netpol import policy_errors
 from tests.k8s.operators import INIT_TEMPLATE, pod_templates, rdzv_conf_text
 from tests.k8s.render import config_maps, quantity, workload
 
@@ -91,7 +93,19 @@ def house_errors(objects: list[dict], init_template: Path | None = INIT_TEMPLATE
                     problems.append(f"{c['name']}: TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not 1")
                 out_dirs.append((where, [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in claims]))
         errors += [f"{where}: {p}" for p in problems]
+    labels = [(where, t.get("metadata", {}).get("labels", {})) for where, t, _ in pod_templates(obj, init_template)]
+    errors += policy_errors(objects, labels, obj["kind"]) + _ray_auth_errors(obj)
     return errors + _run_dir_errors(obj, out_dirs) + _rendezvous_errors(obj)
+
+
+def _ray_auth_errors(obj: dict) -> list[str]:
+    """A RayJob's cluster with Ray's token authentication: without it, whoever reaches the job
+    server (:8265) or the GCS can run code there."""
+    if obj["kind"] != "RayJob":
+        return []
+    if _get(obj, "spec.rayClusterSpec.authOptions.mode") != "token":
+        return ["spec.rayClusterSpec.authOptions.mode is not token (Ray's token authentication, KubeRay >= 1.5.1)"]
+    return []
 
 
 def _shm_problems(c: dict, volumes: dict) -> list[str]:

@@ -12,8 +12,9 @@ import pytest
 from tests.helpers import ROOT
 from tests.k8s.controller import PodsFailed, run_until_done
 from tests.k8s.kubelet import Node, replace_paths
-from tests.k8s.kuberay import rayjob_pods
-from tests.k8s.network import LOOPBACK, Network
+from tests.k8s.kuberay import auth_secrets, rayjob_pods
+from tests.k8s.netpol import OPERATOR_NAMESPACE, Peer, admits, policies_of
+from tests.k8s.network import DENIED, LOOPBACK, Network
 from tests.k8s.operators import Pod, backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_nproc, trainjob_pods
 from tests.k8s.render import find, render, workload
 
@@ -134,3 +135,75 @@ def test_the_image_paths_map_to_the_checkout(tmp_path):
     entrypoint = replace_paths(workload(objects)["spec"]["entrypoint"], paths)
     assert entrypoint.startswith(f"python {ROOT}/launch/ray_job.py ") and (ROOT / "launch" / "ray_job.py").is_file()
     assert f"--out {tmp_path}/claims/distributed-step-runs/ds-rayjob " in entrypoint
+
+
+# --- NetworkPolicies (tests.k8s.netpol): what a pod's names reach ------------------------------
+def _seen(node: Node, pod: Pod) -> str:
+    """Everything a pod's main container is handed: its command line and env, names rewritten."""
+    argv, env = node.process(pod, pod.template["spec"]["containers"][0])
+    return " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in env.items())
+
+
+@pytest.mark.parametrize("variant", ["job", "pytorchjob", "pytorchjob/elastic", "trainjob", "rayjob"])
+def test_the_rendered_policy_lets_every_pod_reach_the_job_it_belongs_to(variant, tmp_path):
+    objects, net = render(variant), Network()
+    obj = workload(objects)
+    pods = {"Job": lambda: indexed_job_pods(obj, objects, net), "PyTorchJob": lambda: pytorchjob_pods(obj, net),
+            "TrainJob": lambda: trainjob_pods(obj, net), "RayJob": lambda: list(_ray_pods(obj, net))}[obj["kind"]]()
+    node = Node(tmp_path, objects + (auth_secrets(obj) if obj["kind"] == "RayJob" else []), net)
+    assert net.policies, "no NetworkPolicy rendered"
+    for pod in pods:
+        assert DENIED not in _seen(node, pod), pod.name
+    net.close()
+
+
+def _ray_pods(obj: dict, net: Network):
+    head, workers, submitter = rayjob_pods(obj, net, "/tmp/ray")
+    return head, *workers, submitter
+
+
+def test_a_policy_that_blocks_the_jobs_own_traffic_leaves_its_names_unresolvable(tmp_path):
+    objects, net = render("pytorchjob"), Network()
+    find(objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] = {
+        "app.kubernetes.io/instance": "another-job"}
+    _, worker = pytorchjob_pods(workload(objects), net)
+    seen = _seen(Node(tmp_path, objects, net), worker)
+    assert f"MASTER_ADDR=ds-pytorchjob-master-0{DENIED}" in seen and f"MASTER_ADDR={LOOPBACK}" not in seen
+    net.close()
+
+
+def test_a_pod_of_another_job_is_refused_and_without_policies_all_is_allowed(tmp_path):
+    objects, net = render("job"), Network()
+    pods = indexed_job_pods(workload(objects), objects, net)
+    Node(tmp_path, objects, net)
+    intruder = Pod("other-0", "other-0", {"metadata": {"labels": {"app.kubernetes.io/instance": "other"}},
+                                          "spec": {"containers": [{"name": "x", "image": "distributed-step"}]}})
+    net.pod(intruder.name, intruder.template)
+    assert net.admitted(pods[1].name, "ds-job-0.ds-job", 29500)
+    assert not net.admitted(intruder.name, "ds-job-0.ds-job", 29500)
+    assert net.rewrite("ds-job-0.ds-job:29500", source=intruder.name).startswith(f"ds-job-0.ds-job{DENIED}:")
+    net.policies = []  # no policy selects the pod: every connection is allowed
+    assert net.admitted(intruder.name, "ds-job-0.ds-job", 29500)
+    net.close()
+
+
+def test_the_rayjob_policy_admits_the_operators_namespace_on_the_job_port_only():
+    policies = policies_of(render("rayjob"))
+    head = Peer({"app.kubernetes.io/instance": "ds-rayjob"})
+    operator = Peer({"app.kubernetes.io/name": "kuberay-operator"}, namespace=OPERATOR_NAMESPACE)
+    assert admits(policies, operator, head, 8265)
+    assert not admits(policies, operator, head, 6379)
+    assert not admits(policies, Peer({"app": "elsewhere"}, namespace="other"), head, 8265)
+    assert not admits(policies, Peer({"app.kubernetes.io/instance": "ds-job"}), head, 8265)
+
+
+def test_kuberay_token_auth_reaches_every_ray_pod_and_the_submitter_from_its_secret(tmp_path):
+    objects, net = render("rayjob"), Network()
+    obj = workload(objects)
+    (secret,) = auth_secrets(obj)
+    node = Node(tmp_path, objects + [secret], net)
+    for pod in _ray_pods(obj, net):
+        env = node.environment(pod, pod.template["spec"]["containers"][0], {})
+        assert env["RAY_AUTH_MODE"] == "token", pod.name
+        assert env["RAY_AUTH_TOKEN"] == secret["stringData"]["auth_token"] and len(env["RAY_AUTH_TOKEN"]) == 64
+    net.close()

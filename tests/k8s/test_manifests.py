@@ -163,6 +163,17 @@ BROKEN = [
     ("pytorchjob/elastic", lambda o: _pytorchjob(o)["spec"]["elasticPolicy"]["rdzvConf"].pop(0), "join_timeout is unset"),
     # DNS: pod 0's name must resolve before it is Ready
     ("job", lambda o: _set(find(o, "Service")["spec"], "publishNotReadyAddresses", False), "publishNotReadyAddresses is not true"),
+    # NetworkPolicy: one in every variant, selecting every pod, admitting the job's own pods
+    ("job", lambda o: o.remove(find(o, "NetworkPolicy")), "no NetworkPolicy"),
+    ("pytorchjob", lambda o: _set(find(o, "NetworkPolicy")["spec"]["podSelector"], "matchLabels", {"app": "x"}),
+     "no NetworkPolicy's podSelector selects every pod"),
+    ("trainjob", lambda o: _set(find(o, "NetworkPolicy")["spec"]["ingress"][0]["from"][0], "podSelector",
+                                {"matchLabels": {"app.kubernetes.io/instance": "another-job"}}), "does not admit"),
+    ("rayjob/gpu", lambda o: find(o, "NetworkPolicy")["spec"]["ingress"].pop(1), "namespace ray-system on 8265"),
+    # Ray's token authentication
+    ("rayjob", lambda o: find(o, "RayJob")["spec"]["rayClusterSpec"].pop("authOptions"), "authOptions.mode is not token"),
+    ("rayjob/gpu", lambda o: _set(find(o, "RayJob")["spec"]["rayClusterSpec"]["authOptions"], "mode", "disabled"),
+     "authOptions.mode is not token"),
     # PodSecurity restricted, every container
     ("trainjob", lambda o: _patched_pod(o)["securityContext"].pop("seccompProfile"), "no RuntimeDefault seccomp profile"),
 ]

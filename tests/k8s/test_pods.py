@@ -20,6 +20,7 @@ that were never interrupted.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import yaml
 from tests.helpers import TINY, metrics, summary
 from tests.k8s.controller import Outcome, run_rayjob, run_until_done
 from tests.k8s.kubelet import Node
-from tests.k8s.kuberay import rayjob_pods
+from tests.k8s.kuberay import auth_secrets, rayjob_pods
 from tests.k8s.network import Network
 from tests.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_pods
 from tests.k8s.render import find, need_kubectl, render, workload
@@ -50,6 +51,7 @@ class Run:
     outcome: Outcome
     killed: str | None = None
     status: str = ""        # RayJob: the job's status as the operator reads it
+    anonymous: subprocess.CompletedProcess | None = None  # RayJob: a submission without the token
 
 
 def prepared(variant: str) -> list[dict]:
@@ -112,12 +114,13 @@ def run_rayjob_variant(root: Path) -> Run:
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         head, workers, submitter = rayjob_pods(obj, net, temp)
-        # A local ray.init() would switch token auth on; the jobs CLI then needs the token too.
-        node = Node(root, objects, net, extra_env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-        outcome, status = run_rayjob(node, head, workers, submitter, obj["spec"]["submitterConfig"]["backoffLimit"])
+        # Token authentication as KubeRay sets it up (authOptions): its Secret, the token in every pod.
+        node = Node(root, objects + auth_secrets(obj), net, extra_env={"RAY_USAGE_STATS_ENABLED": "0"})
+        outcome, status, anonymous = run_rayjob(node, head, workers, submitter,
+                                                obj["spec"]["submitterConfig"]["backoffLimit"])
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    return Run(run_dir(objects, root), outcome, status=status)
+    return Run(run_dir(objects, root), outcome, status=status, anonymous=anonymous)
 
 
 def two_pods_are_all(obj: dict) -> None:
@@ -213,6 +216,15 @@ def test_rayjob_completes_with_its_checkpoints_on_the_shared_volume(runs):
     assert "succeeded" in run.status.lower(), run.status
     assert summary(run.out)["status"] == "complete" and (run.out / "model.pt").is_file()
     assert list((run.out / "ray").glob("checkpoint_*")), "Ray's checkpoints are not under --storage-path"
+
+
+def test_rayjob_head_refuses_a_submission_without_the_token(runs):
+    """authOptions.mode token: the submitter got the token (the job ran, above); anyone else who
+    reaches the job server (:8265) is refused."""
+    anonymous = ran(runs, "rayjob").anonymous
+    output = anonymous.stdout + anonymous.stderr
+    assert anonymous.returncode != 0, output
+    assert any(word in output.lower() for word in ("401", "unauthorized", "authentication")), output
 
 
 def test_every_torchrun_variant_trains_the_same_model(runs):
