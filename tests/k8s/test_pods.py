@@ -3,7 +3,8 @@ it, becomes local processes with what the operator injects (tests.k8s.operators 
 tests.k8s.kuberay: the training operator's, the Trainer's, the Job controller's and KubeRay's
 behaviour, read from their sources) and what the kubelet resolves (tests.k8s.kubelet: volumes and
 the image's paths as directories, env, $(VAR), init containers). Each pod is a process tree;
-DNS names map to 127.0.0.1 (tests.k8s.network). The only edits are ones a user could make: the
+DNS names map to 127.0.0.1 where the NetworkPolicies admit the pod (tests.k8s.network; the RayJob
+runs with KubeRay's token auth). The only edits are ones a user could make: the
 ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS follows), and
 the elastic PyTorchJob's minReplicas and maxReplicas become the 2 pods it runs.
 
