@@ -70,6 +70,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     # Everything that can fail on bad input runs here, on every rank, before any collective.
     cfg.validate(world.world_size)
     amp(cfg.precision, world.device)  # refuses a precision this device cannot run
+    placement.check_memory(cfg, world.world_size, world.local_world_size, world.device)
     numerics.configure(cfg.deterministic)  # before the model touches the device (cuBLAS reads it once)
     rundir.prepare(cfg.out)
     sets = build_datasets(cfg)

@@ -28,6 +28,9 @@ CASES = {
     "missing_dataset": (python_cmd(["--data", "imagefolder:/nonexistent/imagenet"]), {},
                         "directory /nonexistent/imagenet does not exist"),
     "unknown_flag": (python_cmd(["--learning-rate", "0.1"]), {}, "unrecognized arguments: --learning-rate"),
+    # Past the memory the kernel's OOM killer would end the rank without a word.
+    "image_too_large": (python_cmd(TINY + ["--image-size", "4000"]), {},
+                        "--image-size 4000 with 16 images per rank and micro-step needs at least"),
     "unknown_flag_console_script": ([str(BIN / "distributed-step"), "train", "--lr", "fast"], {},
                                     "argument --lr: invalid float value: 'fast'"),
     "out_not_a_directory": (python_cmd(TINY + ["--out", "/etc/hostname/run"]), {},

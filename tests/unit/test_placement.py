@@ -49,3 +49,14 @@ def test_pinning_gives_each_local_rank_its_own_cores_then_releases_them(restore_
     assert masks[0] | masks[1] <= set(CORES)
     placement.pin_cores(False, 0, 2)
     assert sorted(os.sched_getaffinity(0)) == CORES
+
+
+def test_an_image_size_whose_activations_cannot_fit_is_refused(monkeypatch):
+    from distributed_step.config import ConfigError, TrainConfig
+
+    monkeypatch.setattr(placement, "_memory_per_rank", lambda ranks, device: 8 * 10**9 // ranks)
+    cpu = torch.device("cpu")
+    placement.check_memory(TrainConfig(image_size=224, global_batch_size=128), 2, 2, cpu)  # 1 GB of 4: fits
+    with pytest.raises(ConfigError, match=r"--image-size 1024 with 64 images .* at least 20 GB .* 4 GB each rank"):
+        placement.check_memory(TrainConfig(image_size=1024, global_batch_size=128), 2, 2, cpu)
+    placement.check_memory(TrainConfig(image_size=1024, global_batch_size=128, grad_accum=8), 2, 2, cpu)  # 3 GB
