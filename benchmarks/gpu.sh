@@ -74,3 +74,16 @@ train_ips=$(train train-default)
 note "bench, bf16 channels_last, eager, sync: $bench_ips img/s"
 note "train --data synthetic, same step: $train_ips img/s ($($py -c "print(f'{$train_ips / max($bench_ips, 1):.2f}')" 2>/dev/null || echo '?')x bench)"
 note "the same, --deterministic (cudnn.benchmark off, no TF32): $(train train-deterministic --deterministic) img/s"
+note "data wait in that run (mean data_ms over its log windows): $($py -c "import json
+rows = [json.loads(l) for l in open('$out/train-default/metrics.jsonl')]
+d = [r['data_ms'] for r in rows if 'data_ms' in r]; print(round(sum(d) / max(len(d), 1), 2))" 2>/dev/null || echo '?') ms"
+
+# 4. the input path alone (no model) and an ImageFolder of JPEGs through train (decoded on the CPU
+# at reduced size; the GPU's nvjpeg decode is not built yet: docs/benchmarks.md, "Input")
+if [ "${1:-}" = "--cpu-smoke" ]; then jpegs=40 counts=0,1 batches=3; else jpegs=3000 counts=4,8,12 batches=30; fi
+$py -m distributed_step bench --input --data synthetic "${size[@]}" --worker-counts "$counts" \
+  --batches "$batches" --baseline | tee "$out/input.txt"
+$py -m distributed_step bench --input --make-jpegs "$out/jpegs" --jpegs "$jpegs" --data "imagefolder:$out/jpegs" \
+  "${size[@]}" --worker-counts "$counts" --batches "$batches" --baseline | tee -a "$out/input.txt"
+jpeg_ips=$(train train-jpeg --data "imagefolder:$out/jpegs" --workers "${counts##*,}")
+note "train --data imagefolder (500x375 JPEGs, CPU decode), same step: $jpeg_ips img/s ($($py -c "print(f'{$jpeg_ips / max($bench_ips, 1):.2f}')" 2>/dev/null || echo '?')x bench)"

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 COMMANDS = ("train", "bench", "plot", "doctor")
+# Errors a rank only has because another rank failed (see main()).
+CONSEQUENCES, CONSEQUENCE_DELAY_S = ("a collective failed", "stopped by the launcher"), 3.0
 USAGE = "usage: distributed-step {train,bench,plot,doctor} [flags]   (distributed-step COMMAND --help)"
 
 
@@ -46,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
         message, code = _explain(exc, config)
         _fail(message, code)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        if message.startswith(CONSEQUENCES):
+            # Another rank failed first. Its launcher must see that rank exit before this one:
+            # torchrun names as root cause the earliest failure it observes, to the second, and
+            # would otherwise blame whichever rank it lists first. It stops this rank meanwhile.
+            time.sleep(CONSEQUENCE_DELAY_S)
         # Out at once: a normal exit would join DataLoader workers that ignore SIGTERM (so that
         # a preempted step can finish), and this rank would hang while the others wait for it
         # in a collective. Exiting lets gloo tell the other ranks within seconds.
-        sys.stderr.flush()
-        sys.stdout.flush()
         os._exit(code)
     return 0
 
@@ -59,6 +67,7 @@ def _explain(exc: BaseException, config) -> tuple[str, int]:
     """(one line, exit code) for a failure of `train`: 2 for bad input, 1 for the rest."""
     from .config import ConfigError
     from .dist import RendezvousError
+    from .preemption import sigterm_received
     from .train import TrainingError
 
     if isinstance(exc, ConfigError):  # bad input: the message names the flag, path or variable
@@ -78,6 +87,8 @@ def _explain(exc: BaseException, config) -> tuple[str, int]:
     if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError") or "/gloo/" in text:
         return (f"a collective failed: another rank stopped or the network broke; the first rank's error "
                 f"is the cause ({text[:200]})"), 1
+    if sigterm_received():  # the launcher is stopping this rank: whatever broke, broke because of it
+        return f"stopped by the launcher (SIGTERM), after which: {type(exc).__name__}: {text[:200]}", 1
     if type(exc).__name__ == "UnreadableImage" or "unreadable image" in text:
         return text, 2
     # Not a failure we know: a bug, so its traceback is worth the lines.

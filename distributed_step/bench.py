@@ -3,6 +3,7 @@
     python -m distributed_step bench --world-sizes 1,2,4           # spawns its own ranks
     torchrun --nproc_per_node=2 -m distributed_step bench          # or runs in torchrun's ranks
     python -m distributed_step bench --world-sizes 2 --sweep bucket_cap_mb=5,25,100 --json out.jsonl
+    python -m distributed_step bench --input --data imagefolder:DIR --image-size 224   # the loader alone
 
 It runs the real step (`step.train_step` on a model wrapped by `ddp.wrap`, exactly as `train`
 does) on synthetic images, and the same step under `no_sync()`: no gradient all-reduce at all,
@@ -299,6 +300,10 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--input" in argv:
+        from . import loaderbench
+
+        return loaderbench.main(argv)
     args = vars(build_parser().parse_args(argv))
     for name in ("steps", "rounds"):
         if args[name] < 1:

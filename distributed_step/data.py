@@ -1,31 +1,35 @@
-"""Datasets, the resumable distributed sampler, and the train / held-out loaders.
+"""Datasets: each sample is (uint8 CHW image, label, augmentation params).
 
 Every random choice about a sample (synthetic pixels, augmentation) is a function of
 (seed, epoch, index) only. So a global batch holds the same images whatever the world size,
 and a run resumed mid-epoch sees exactly the images the uninterrupted run would have seen.
+The training sampler hands each dataset keys (epoch, index); the held-out loader plain indices.
+
+Per-pixel work that can run on whole batches (the padded random crop, flips, normalisation)
+is left to device_input.DeviceTransform; what needs the file (decoding, ImageFolder's
+RandomResizedCrop of images of any size) happens here, in uint8, at reduced size.
 """
 from __future__ import annotations
 
-import functools
-import itertools
-import multiprocessing
+import math
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset
 
 from .config import ConfigError, TrainConfig
+from .device_input import NO_AUGMENT, DeviceTransform
 
 SYNTHETIC_CLASSES = 10
 # Odd on purpose: a held-out set that does not split evenly over ranks keeps evaluation honest.
 SYNTHETIC_HELD_OUT = 257
 DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed whatever --seed says
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
+UNIFORM_MEAN, UNIFORM_STD = (0.5,) * 3, (1 / math.sqrt(12),) * 3  # of uniform bytes
 
 
 def sample_seed(*keys: int) -> int:
@@ -35,55 +39,60 @@ def sample_seed(*keys: int) -> int:
     return hash(keys) & 0xFFFF_FFFF
 
 
+def split_key(key) -> tuple[int, int]:
+    """(epoch, index) from the training sampler's key, or a held-out loader's plain index."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
+def _params(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int16)
+
+
 class SyntheticImages(Dataset):
-    """Gaussian images with uniform labels; sample i depends on (seed, i) alone."""
+    """Uniform random bytes with uniform labels; sample i depends on (seed, i) alone. Each image
+    is a window of one shared block of random bytes at an offset drawn from (seed, i): no random
+    number per pixel, so the loader runs at memory speed and `--data synthetic` measures the
+    training system, not a random number generator."""
+
+    SPREAD = 1 << 20  # distinct offsets (1 MB of extra bytes in the block)
 
     def __init__(self, length: int, image_size: int, seed: int, first_index: int = 0):
         self.length, self.image_size, self.seed, self.first = length, image_size, seed, first_index
+        self._block = None  # made on first use, in the process that reads it (not pickled to workers)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.first + i))
-        image = torch.randn(3, self.image_size, self.image_size, generator=g)
-        label = int(torch.randint(SYNTHETIC_CLASSES, (), generator=g))
-        return image, label
+    def __getstate__(self):
+        return {**self.__dict__, "_block": None}
+
+    def __getitem__(self, key):
+        _, i = split_key(key)
+        pixels = 3 * self.image_size * self.image_size
+        if self._block is None:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, -1))
+            self._block = torch.randint(0, 256, (pixels + self.SPREAD,), dtype=torch.uint8, generator=g)
+        mixed = sample_seed(self.seed, self.first + i)
+        offset = mixed % self.SPREAD
+        image = self._block[offset:offset + pixels].view(3, self.image_size, self.image_size)
+        return image, sample_seed(mixed, 1) % SYNTHETIC_CLASSES, _params(*NO_AUGMENT)
 
 
 class DigitsImages(Dataset):
-    """scikit-learn's real 8x8 handwritten digits, upsampled to image_size, as 3-channel tensors."""
+    """scikit-learn's real 8x8 handwritten digits, upsampled to image_size, as 3-channel uint8."""
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, image_size: int):
         x = pixels.view(-1, 1, 8, 8) / 16.0
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        # Scaled to roughly zero mean and unit variance; the constants are the data set's own.
-        self.images = (x - 0.3) / 0.4  # one channel kept; expanded to three per sample (a view)
+        self.images = x.mul(255).round_().clamp_(0, 255).to(torch.uint8)  # one channel kept
         self.labels = labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        return self.images[i].expand(3, -1, -1), int(self.labels[i])
-
-
-class SeededAugment(Dataset):
-    """Runs a dataset's random transforms under a seed made of (seed, epoch, index)."""
-
-    def __init__(self, base: Dataset, seed: int):
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            return self.base[i]
+    def __getitem__(self, key):
+        _, i = split_key(key)
+        return self.images[i].expand(3, -1, -1), int(self.labels[i]), _params(*NO_AUGMENT)
 
 
 @dataclass
@@ -92,17 +101,21 @@ class Datasets:
     held_out: Dataset | None
     num_classes: int
     in_memory: bool  # no file I/O per sample: loader workers would only add overhead
+    train_transform: DeviceTransform
+    held_out_transform: DeviceTransform
 
 
 def build_datasets(cfg: TrainConfig) -> Datasets:
     """Raises ConfigError naming --data when a path or file is missing (before any collective)."""
     kind, _, path = cfg.data.partition(":")
+    size = cfg.image_size
     if kind == "synthetic":
-        return Datasets(SyntheticImages(cfg.synthetic_samples, cfg.image_size, cfg.seed),
-                        SyntheticImages(SYNTHETIC_HELD_OUT, cfg.image_size, cfg.seed, first_index=1 << 31),
-                        SYNTHETIC_CLASSES, True)
+        plain = DeviceTransform(UNIFORM_MEAN, UNIFORM_STD, size)
+        return Datasets(SyntheticImages(cfg.synthetic_samples, size, cfg.seed),
+                        SyntheticImages(SYNTHETIC_HELD_OUT, size, cfg.seed, first_index=1 << 31),
+                        SYNTHETIC_CLASSES, True, plain, plain)
     if kind == "digits":
-        return _digits(cfg.image_size)
+        return _digits(size)
     if not os.path.isdir(path):
         raise ConfigError(f"--data {cfg.data}: directory {path} does not exist")
     if kind == "imagefolder":
@@ -118,69 +131,64 @@ def _digits(image_size: int) -> Datasets:
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1797))
     train, held = order[:-DIGITS_HELD_OUT], order[-DIGITS_HELD_OUT:]
+    # Roughly zero mean and unit variance; the constants are the data set's own.
+    plain = DeviceTransform((0.3,) * 3, (0.4,) * 3, image_size)
     return Datasets(DigitsImages(pixels[train], labels[train], image_size),
-                    DigitsImages(pixels[held], labels[held], image_size), 10, True)
+                    DigitsImages(pixels[held], labels[held], image_size), 10, True, plain, plain)
 
 
 def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
-    from torchvision import transforms as T
+    from .images import ImageFiles, list_image_folder
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(train_dir):
         raise ConfigError(f"--data {cfg.data}: expected a train/ folder in {root}")
+    train_classes, train_samples = list_image_folder(train_dir, cfg.data)
+    held = None
+    if os.path.isdir(val_dir):
+        val_classes, val_samples = list_image_folder(val_dir, cfg.data)
+        if val_classes != train_classes:
+            # Each folder is numbered on its own: different class lists would shift labels.
+            raise ConfigError(f"--data {cfg.data}: val/ classes {val_classes} differ from train/ classes "
+                              f"{train_classes}")
+        held = ImageFiles(val_samples, cfg.image_size, cfg.seed, train=False)
     size = cfg.image_size
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-    val_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *norm])
-    train = _image_folder(train_dir, train_tf, cfg)
-    held = _image_folder(val_dir, val_tf, cfg) if os.path.isdir(val_dir) else None
-    if held is not None and held.classes != train.classes:
-        # Each ImageFolder numbers its own folders: different class lists would shift labels.
-        raise ConfigError(f"--data {cfg.data}: val/ classes {held.classes} differ from train/ classes {train.classes}")
-    return Datasets(SeededAugment(train, cfg.seed), held, len(train.classes), False)
+    return Datasets(ImageFiles(train_samples, size, cfg.seed, train=True), held, len(train_classes), False,
+                    DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size, flip=True),
+                    DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size))
 
 
-class UnreadableImage(RuntimeError):
-    """An image file that cannot be decoded. The run fails on it, naming the file: a data set
-    that silently loses samples trains on something other than what the user pointed at."""
+class CifarImages(Dataset):
+    """CIFAR-10's 32 x 32 uint8 arrays as they are; the crop (padding size // 8) and the flip
+    are drawn here and applied on the device, after the resize to image_size."""
 
+    def __init__(self, pixels: np.ndarray, labels: list[int], seed: int, pad: int):
+        self.pixels, self.labels, self.seed, self.pad = pixels, labels, seed, pad
 
-def read_image(path: str):
-    """PIL RGB image of `path`, or UnreadableImage naming the file (a truncated or empty JPEG,
-    a text file with an image's extension)."""
-    from PIL import Image
+    def __len__(self) -> int:
+        return len(self.labels)
 
-    try:
-        with open(path, "rb") as fh:
-            image = Image.open(fh)
-            return image.convert("RGB")  # decodes now, while the file is open
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"unreadable image {path} ({type(exc).__name__}: {exc}); "
-                              "fix or remove the file") from None
-
-
-def _image_folder(folder: str, transform, cfg: TrainConfig):
-    from torchvision import datasets
-
-    split = os.path.basename(folder)
-    try:
-        return datasets.ImageFolder(folder, transform=transform, loader=read_image)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise ConfigError(f"--data {cfg.data}: {split}/: {exc}") from None
+    def __getitem__(self, key):
+        epoch, i = split_key(key)
+        image = torch.from_numpy(self.pixels[i]).permute(2, 0, 1).contiguous()
+        if not self.pad:
+            return image, self.labels[i], _params(*NO_AUGMENT)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
+        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,), generator=g))
+        return image, self.labels[i], _params(top, left, int(torch.randint(2, (), generator=g)))
 
 
 def _cifar10(root: str, cfg: TrainConfig) -> Datasets:
     from torchvision import datasets
-    from torchvision import transforms as T
 
-    size = cfg.image_size
-    resize = [] if size == 32 else [T.Resize(size)]
-    norm = [T.ToTensor(), T.Normalize((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))]
-    train_tf = T.Compose([*resize, T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *norm])
     _check_cifar10_files(root, cfg)
-    train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
-    held = datasets.CIFAR10(root, train=False, transform=T.Compose([*resize, *norm]), download=False)
-    return Datasets(SeededAugment(train, cfg.seed), held, 10, False)
+    size, pad = cfg.image_size, cfg.image_size // 8
+    train = datasets.CIFAR10(root, train=True, download=False)
+    held = datasets.CIFAR10(root, train=False, download=False)
+    return Datasets(CifarImages(train.data, train.targets, cfg.seed, pad),
+                    CifarImages(held.data, held.targets, cfg.seed, 0), 10, True,  # arrays: workers only copy
+                    DeviceTransform(CIFAR_MEAN, CIFAR_STD, size, pad=pad, flip=True),
+                    DeviceTransform(CIFAR_MEAN, CIFAR_STD, size))
 
 
 def _check_cifar10_files(root: str, cfg: TrainConfig) -> None:
@@ -199,99 +207,7 @@ def _check_cifar10_files(root: str, cfg: TrainConfig) -> None:
             raise ConfigError(f"--data {cfg.data}: {path} is corrupt (its md5 is not {md5}); copy it again")
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch, skipping the batches already trained on.
-
-    drop_last=True gives every rank the same number of samples (uneven shards hang a
-    collective), and rank r's k-th batch together with the other ranks' k-th batches is exactly
-    the k-th global batch of the epoch's permutation: the same whatever the world size.
-    """
-
-    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, batch_per_rank: int):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_per_rank, self.skip = batch_per_rank, 0
-
-    def set_position(self, epoch: int, batches_done: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = batches_done * self.batch_per_rank
-        if isinstance(self.dataset, SeededAugment):
-            self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
-def loader_workers(cfg: TrainConfig, sets: Datasets, local_world_size: int) -> int:
-    if cfg.workers >= 0:
-        return cfg.workers
-    return 0 if sets.in_memory else max(1, min(4, (os.cpu_count() or 1) // local_world_size))
-
-
-def train_loader(sets: Datasets, cfg: TrainConfig, rank: int, world_size: int, workers: int,
-                 pin: bool) -> DataLoader:
-    per_rank = cfg.global_batch_size // world_size
-    sampler = ResumableSampler(sets.train, world_size, rank, cfg.seed, per_rank)
-    return DataLoader(sets.train, batch_size=per_rank, sampler=sampler, drop_last=True, pin_memory=pin,
-                      **_worker_options(workers))
-
-
 def check_batch_fits(sets: Datasets, cfg: TrainConfig) -> None:
     if len(sets.train) < cfg.global_batch_size:
         raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is larger than the training set "
                           f"({len(sets.train)} samples)")
-
-
-def _worker_options(workers: int) -> dict:
-    """Loader workers start from a forkserver, not by forking the trainer.
-
-    Forking a process with threads (gloo's, the other loader's queue feeders) hung a new worker
-    in about 1 run of 5 here: CPython 3.11's after-fork cleanup in the child waited for a lock
-    that another thread of the parent held at the moment of the fork, and the rank then waited
-    for that worker forever. The forkserver is a fresh single-threaded process that imports
-    torch and this module once, so each worker is a cheap fork of a clean process.
-    """
-    if workers == 0:
-        return {}
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchvision", __name__])
-    return {"num_workers": workers, "multiprocessing_context": context,
-            "worker_init_fn": functools.partial(_start_worker, os.getpid())}
-
-
-def _start_worker(trainer_pid: int, worker_id: int) -> None:
-    """torchrun and Kubernetes signal the whole process group: loader workers must outlive the
-    SIGTERM so that the trainer can finish its step and save. They exit with the trainer: torch's
-    own check watches the worker's parent, which is the forkserver (it outlives the trainer,
-    held open by the workers themselves), so each worker also watches the trainer."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
-
-
-def _exit_with(pid: int) -> None:
-    while _alive(pid):
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:  # gone (or no /proc: fall back to a signal-0 probe)
-        try:
-            os.kill(pid, 0)
-            return not os.path.isdir("/proc")
-        except OSError:
-            return False
-
-
-def held_out_loader(sets: Datasets, batch_size: int, rank: int, world_size: int, workers: int,
-                    pin: bool) -> DataLoader | None:
-    """Rank r evaluates samples r, r+W, r+2W, ...: no padding, so no sample counts twice."""
-    if sets.held_out is None:
-        return None
-    shard = Subset(sets.held_out, range(rank, len(sets.held_out), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, pin_memory=pin, **_worker_options(workers))

@@ -51,17 +51,14 @@ class LossMeter:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loader, env: DistEnv, precision: torch.dtype | None,
-             channels_last: bool) -> dict:
-    """Exact held-out loss and accuracy: each sample is seen by exactly one rank."""
+def evaluate(module: nn.Module, batches, env: DistEnv, precision: torch.dtype | None) -> dict:
+    """Exact held-out loss and accuracy: each sample is seen by exactly one rank. `batches`
+    yields (model input, labels) on the device (device_input.DeviceFeed)."""
     was_training = module.training
     module.eval()
     # float64 keeps the counts exact far past any held-out set size.
     totals = torch.zeros(3, dtype=torch.float64, device=env.device)
-    for images, labels in loader:
-        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, labels in batches:
         with torch.autocast(env.device.type, dtype=precision, enabled=precision is not None):
             logits = module(images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")

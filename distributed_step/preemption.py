@@ -10,6 +10,14 @@ import os
 import signal
 import threading
 
+_received = False  # a SIGTERM reached this process while training (kept after the handler is gone)
+
+
+def sigterm_received() -> bool:
+    """Whether the launcher asked this rank to stop: an error after that is a consequence of the
+    stop (its loader's forkserver got the same signal), not a cause."""
+    return _received
+
 
 class StopRequest:
     """SIGTERM (Kubernetes, torchrun, a preempted VM) only sets a flag; the ranks agree on it
@@ -25,6 +33,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        global _received
+        _received = True
         if self.requested:  # a second SIGTERM: stop waiting for the step to end
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)

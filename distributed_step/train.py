@@ -22,12 +22,13 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import ddp, numerics, placement, rundir
+from .agreement import StepFlags
 from .config import ConfigError, TrainConfig, save_yaml
-from .data import build_datasets, check_batch_fits, held_out_loader, loader_workers, train_loader
+from .data import build_datasets, check_batch_fits
+from .device_input import DeviceFeed
 from .dist import (
     DistEnv,
     all_gather_object,
-    all_reduce_,
     barrier,
     broadcast_buffers_,
     broadcast_object,
@@ -36,6 +37,7 @@ from .dist import (
     state_digest,
     teardown,
 )
+from .loaders import held_out_loader, loader_workers, train_loader
 from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
 from .model import build_model
 from .preemption import StopRequest
@@ -113,6 +115,9 @@ class Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.precision, self.scaler = amp(cfg.precision, env.device)
+        self.feed = DeviceFeed(sets.train_transform, env.device, cfg.channels_last)
+        self.held_out_feed = DeviceFeed(sets.held_out_transform, env.device, cfg.channels_last)
+        self.flags = StepFlags(env)
 
         self.net = convert_sync_batchnorm(net, env.device, env.backend) if cfg.sync_bn else net
         self.net = self.net.to(env.device)
@@ -237,19 +242,16 @@ class Run:
 
     def _batches(self):
         """(images, labels) on the device for every remaining step. Owns the epochs (the
-        sampler's position, so a resumed run continues mid-epoch), the transfer to the device,
-        and the start of each step's timer (before the fetch: waiting for data counts)."""
-        device = self.env.device
+        sampler's position, so a resumed run continues mid-epoch), the device input (copy,
+        augmentation, normalisation: self.feed), and the start of each step's timer (before the
+        fetch: waiting for data counts)."""
         while self.step < self.total_steps and not self.stopping:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             self.loader.sampler.set_position(epoch, done)
             self.timer.begin()
-            for images, labels in itertools.islice(self.loader, self.total_steps - self.step):
+            for images, labels in self.feed(itertools.islice(self.loader, self.total_steps - self.step)):
                 self._maybe_fail_once()
-                images = images.to(device, non_blocking=True)
-                if self.cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                yield images, labels.to(device, non_blocking=True)
+                yield images, labels
                 if self.stopping:
                     return
                 self.timer.begin()
@@ -266,14 +268,18 @@ class Run:
         return loss
 
     def _agree(self, stop_requested: bool, loss: torch.Tensor) -> bool:
-        """One small all-reduce per step: does any rank want to stop (SIGTERM), is any rank's
-        loss not finite? Returns whether to stop after this step, the same on every rank."""
-        flags = torch.tensor([float(stop_requested), float(not torch.isfinite(loss))], device=self.env.device)
-        all_reduce_(flags, self.env, op=torch.distributed.ReduceOp.MAX)
-        if flags[1]:
-            raise TrainingError(f"loss is not finite at step {self.step} (lower --lr or set --clip-grad); "
-                                f"the last good checkpoint in {self.cfg.out} is kept")
-        return bool(flags[0]) and self.step < self.total_steps  # the last step just finishes
+        """One small asynchronous all-reduce per step (agreement.py): does any rank want to stop
+        (SIGTERM), is any rank's loss not finite? Read a step late, except before this step
+        writes, evaluates or logs anything. Returns whether to stop, the same on every rank."""
+        self.flags.post(self.step, stop_requested, loss)
+        cfg, step = self.cfg, self.step
+        if (step == self.total_steps or step % cfg.log_every == 0 or (cfg.eval_every and step % cfg.eval_every == 0)
+                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            self.flags.settle()
+        if self.flags.non_finite_step is not None:
+            raise TrainingError(f"loss is not finite at step {self.flags.non_finite_step} (lower --lr or set "
+                                f"--clip-grad); the last good checkpoint in {self.cfg.out} is kept")
+        return self.flags.stop and self.step < self.total_steps  # the last step just finishes
 
     def _after_step(self, loss: torch.Tensor) -> None:
         """Close the step's timer, then log, evaluate and checkpoint at their intervals."""
@@ -304,6 +310,7 @@ class Run:
         loss = self.meter.reduce(self.env)
         steps, seconds = self.timer.take_window()
         phases = {f"{name}_ms": round(ms / steps, 3) for name, ms in self.clock.read_ms().items()}
+        phases["data_ms"] = round(1e3 * self.feed.take_wait_s() / steps, 3)  # waiting for the loader
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss,
                   "lr": self.lr_used,  # the rate this step used (the scheduler already points at the next)
                   "images_per_s": round(self.cfg.global_batch_size * steps / seconds, 2),
@@ -313,16 +320,16 @@ class Run:
             self.bar.update(self.step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
         else:
-            log.info("step %d/%d  loss %.4f  lr %.4g  %.0f img/s  (fwd %.0f / bwd %.0f / comm %.0f / opt %.0f ms)",
-                     self.step, self.total_steps, loss, record["lr"], record["images_per_s"],
-                     *(phases.get(f"{name}_ms", 0) for name in ("forward", "backward", "comm", "optimizer")))
+            log.info("step %d/%d  loss %.4f  lr %.4g  %.0f img/s  (data %.0f / fwd %.0f / bwd %.0f / comm %.0f / "
+                     "opt %.0f ms)", self.step, self.total_steps, loss, record["lr"], record["images_per_s"],
+                     *(phases.get(f"{name}_ms", 0) for name in ("data", "forward", "backward", "comm", "optimizer")))
         return loss
 
     def _evaluate(self) -> dict:
         if self.held_out is None:
             return {}
         broadcast_buffers_(self.net, self.env)  # evaluate rank 0's BatchNorm statistics everywhere
-        result = evaluate(self.net, self.held_out, self.env, self.precision, self.cfg.channels_last)
+        result = evaluate(self.net, self.held_out_feed(self.held_out), self.env, self.precision)
         log.info("step %d  held-out loss %.4f  accuracy %.4f (%d samples)", self.step,
                  result["eval_loss"], result["eval_accuracy"], result["eval_samples"])
         return result

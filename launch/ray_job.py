@@ -7,7 +7,8 @@
 Ray places the workers, creates the process group (gloo, or nccl with GPUs), and restarts the
 workers after a failure (--max-failures). Each worker runs distributed_step.train unchanged;
 every checkpoint it writes is also reported to Ray, and a restarted worker group resumes from
-the last one Ray holds. This launcher is the only place in the project that imports ray.
+the newer of the last one Ray holds and the newest in --out. This launcher is the only place
+in the project that imports ray.
 """
 from __future__ import annotations
 
@@ -107,9 +108,23 @@ def train_on_worker(config: dict) -> None:
         train(cfg, device=device, on_checkpoint=report)
         return
     with restored.as_directory() as folder:
-        files = sorted(name for name in os.listdir(folder) if name.startswith("step_") and name.endswith(".pt"))
-        cfg.resume = os.path.join(folder, files[-1])
+        cfg.resume = resume_point(folder, cfg.out)
         train(cfg, device=device, on_checkpoint=report)
+
+
+def resume_point(ray_folder: str, out: str) -> str:
+    """--resume for a restarted worker group: Ray's checkpoint, unless --out holds a newer one.
+    Ray registers a checkpoint only once it has collected every worker's report of it, so after
+    a worker dies Ray's newest can be older than the newest file the core wrote (seen: 2 against
+    4); both are on shared storage, so the newer wins and no finished step is lost."""
+    from distributed_step.checkpoint import list_checkpoints
+
+    files = sorted(name for name in os.listdir(ray_folder) if name.startswith("step_") and name.endswith(".pt"))
+    if not files:
+        return "auto"
+    ray_step = int(files[-1][len("step_"):-len(".pt")])
+    local = list_checkpoints(out)
+    return "auto" if local and local[0][0] >= ray_step else os.path.join(ray_folder, files[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

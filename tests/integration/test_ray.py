@@ -129,10 +129,9 @@ def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, ray_job
                    "--max-failures", "1", "--fail-once-at-step", "5", "--out", str(crashed)],
                   timeout=400, env=ray_env())
     assert "killing this rank now" in proc.output
-    resumed = summary(crashed)["resumed_from"]
-    # Ray's copy. Ray registers a checkpoint once it has collected every worker's report of that
-    # round; the killed worker's report of step 4 may not have been collected, so 2 or 4.
-    assert "/ray/checkpoint_" in resumed and resumed.endswith(("step_00000004.pt", "step_00000002.pt"))
+    # Step 4, the last one written before the kill at step 5: Ray's copy when Ray had collected
+    # every worker's report of it, else the newer file in --out (resume_point, tested below).
+    assert summary(crashed)["resumed_from"].endswith("step_00000004.pt")
     a, b = load_weights(straight / "model.pt"), load_weights(crashed / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -153,6 +152,21 @@ def test_without_ray_the_error_says_what_to_install():
                 f"runpy.run_path({LAUNCHER!r}, run_name='__main__')")
     proc = run([sys.executable, "-c", hide_ray], timeout=60)
     assert proc.returncode == 2 and 'pip install "distributed-step[ray]"' in proc.stderr
+
+
+def test_a_restart_resumes_from_the_newer_of_rays_checkpoint_and_the_run_directory(tmp_path):
+    spec = importlib.util.spec_from_file_location("ray_job", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ray_copy, out = tmp_path / "ray" / "checkpoint_1", tmp_path / "out"
+    ray_copy.mkdir(parents=True)
+    (ray_copy / "step_00000004.pt").touch()
+    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # --out empty
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002.pt").touch()
+    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # Ray's newer
+    (out / "checkpoints" / "step_00000006.pt").touch()
+    assert module.resume_point(str(ray_copy), str(out)) == "auto"  # --out newer: the core picks it
 
 
 def test_relative_paths_are_refused_on_several_nodes():

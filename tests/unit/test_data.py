@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from distributed_step.config import TrainConfig
-from distributed_step.data import (
-    DIGITS_HELD_OUT,
-    SYNTHETIC_HELD_OUT,
-    ResumableSampler,
-    SyntheticImages,
-    build_datasets,
-    held_out_loader,
-)
+from distributed_step.data import DIGITS_HELD_OUT, SYNTHETIC_HELD_OUT, SyntheticImages, build_datasets
+from distributed_step.loaders import ResumableSampler, held_out_loader
 
 
 def global_batches(dataset, world, batch, epoch, skip=0):
@@ -21,7 +15,9 @@ def global_batches(dataset, world, batch, epoch, skip=0):
     for rank in range(world):
         sampler = ResumableSampler(dataset, world, rank, seed=3, batch_per_rank=batch // world)
         sampler.set_position(epoch, skip)
-        idx = list(sampler)
+        keys = list(sampler)
+        assert {epoch_of for epoch_of, _ in keys} == {epoch}  # each key carries its epoch to the workers
+        idx = [i for _, i in keys]
         shards.append([idx[i:i + batch // world] for i in range(0, len(idx) - batch // world + 1, batch // world)])
     return [sorted(itertools.chain.from_iterable(s[k] for s in shards)) for k in range(len(shards[0]))]
 
@@ -41,8 +37,13 @@ def test_epochs_are_shuffled_differently_and_resume_skips_exactly():
 
 def test_synthetic_sample_depends_only_on_seed_and_index():
     a, b = SyntheticImages(10, 16, seed=1), SyntheticImages(10, 16, seed=1)
-    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == b[7][1]
+    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == b[7][1] and a[7][0].dtype == torch.uint8
+    assert torch.equal(a[(3, 7)][0], a[7][0])  # the epoch does not change a synthetic sample
     assert not torch.equal(a[7][0], SyntheticImages(10, 16, seed=2)[7][0])
+    assert not torch.equal(a[7][0], a[8][0])
+    many = SyntheticImages(2000, 4, seed=0)
+    labels = {many[i][1] for i in range(2000)}
+    assert labels == set(range(10))
 
 
 def test_held_out_shards_cover_every_sample_once():
@@ -50,7 +51,7 @@ def test_held_out_shards_cover_every_sample_once():
     assert SYNTHETIC_HELD_OUT % 2 == 1
     seen = []
     for rank in range(2):
-        for images, _ in held_out_loader(sets, 32, rank, 2, 0, False):
+        for images, _, _ in held_out_loader(sets, 32, rank, 2, 0, False):
             seen.extend(images[:, 0, 0, 0].tolist())
     full = [float(sets.held_out[i][0][0, 0, 0]) for i in range(SYNTHETIC_HELD_OUT)]
     assert sorted(seen) == sorted(full)
@@ -60,8 +61,9 @@ def test_digits_is_real_and_split_is_fixed():
     a = build_datasets(TrainConfig(data="digits", image_size=32, seed=0))
     b = build_datasets(TrainConfig(data="digits", image_size=32, seed=9))
     assert len(a.held_out) == DIGITS_HELD_OUT and len(a.train) == 1797 - DIGITS_HELD_OUT
-    image, label = a.train[0]
-    assert image.shape == (3, 32, 32) and 0 <= label < 10
+    image, label, params = a.train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and 0 <= label < 10
+    assert params.tolist() == [0, 0, 0]
     assert torch.equal(a.held_out[5][0], b.held_out[5][0])  # --seed does not move the split
     assert sorted({int(a.train[i][1]) for i in range(len(a.train))}) == list(range(10))
 
@@ -70,7 +72,8 @@ def test_unreadable_image_and_empty_class_name_the_file_and_the_split(tmp_path):
     from PIL import Image
 
     from distributed_step.config import ConfigError
-    from distributed_step.data import UnreadableImage, build_datasets
+    from distributed_step.data import build_datasets
+    from distributed_step.images import UnreadableImage
 
     for split in ("train", "val"):
         for c in ("a", "b"):
@@ -78,7 +81,7 @@ def test_unreadable_image_and_empty_class_name_the_file_and_the_split(tmp_path):
             Image.new("RGB", (12, 12), (40, 80, 120)).save(tmp_path / split / c / "0.png")
     (tmp_path / "train" / "a" / "zero.jpg").write_bytes(b"")
     sets = build_datasets(TrainConfig(data=f"imagefolder:{tmp_path}", image_size=8))
-    bad = next(i for i, (path, _) in enumerate(sets.train.base.samples) if path.endswith("zero.jpg"))
+    bad = next(i for i, (path, _) in enumerate(sets.train.samples) if path.endswith("zero.jpg"))
     with pytest.raises(UnreadableImage, match=f"unreadable image {tmp_path}/train/a/zero.jpg"):
         sets.train[bad]
     (tmp_path / "val" / "b" / "0.png").unlink()  # an empty class folder in val/

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from distributed_step.__main__ import _explain
 from distributed_step.config import ConfigError, TrainConfig
-from distributed_step.data import UnreadableImage
+from distributed_step.images import UnreadableImage
 
 CFG = TrainConfig(image_size=4000, global_batch_size=16)
 
@@ -26,3 +26,13 @@ def test_bad_input_is_exit_2_and_a_peer_failure_says_where_the_cause_is():
     line, code = _explain(RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error: "
                                        "Connection reset by peer"), CFG)
     assert code == 1 and line.startswith("a collective failed: another rank stopped")
+
+
+def test_an_error_after_the_launchers_sigterm_is_its_consequence_not_a_traceback(monkeypatch, capsys):
+    from distributed_step import __main__ as entry
+    from distributed_step import preemption
+
+    monkeypatch.setattr(preemption, "_received", True)  # torchrun stopping this rank after another failed
+    line, code = _explain(EOFError("unexpected EOF"), CFG)  # its loader's forkserver got the signal too
+    assert code == 1 and line == "stopped by the launcher (SIGTERM), after which: EOFError: unexpected EOF"
+    assert line.startswith(entry.CONSEQUENCES) and "Traceback" not in capsys.readouterr().err
