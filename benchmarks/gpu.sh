@@ -6,7 +6,9 @@
 #   2. the step's table (`bench`, 224 px synthetic, fp32/bf16 x contiguous/channels_last, then
 #      compile off/on on bf16 channels_last), one rank per GPU;
 #   3. the input path: `train --data synthetic` on the same step against bench's img/s, and
-#      cudnn.benchmark (the default) against --deterministic.
+#      cudnn.benchmark (the default) against --deterministic;
+#   4. the loader alone (`bench --input`), and `train` on 500x375 JPEGs with --decode workers
+#      and --decode device.
 # Results go to ${OUT:-/tmp/gpu}: summary.txt (what ran, what could not, the figures),
 # gpu-bench.jsonl, the run directories. It runs from the checkout with the image's own torch
 # (PYTHONPATH=., no install), so it needs only torch, torchvision, PyYAML and scikit-learn;
@@ -78,12 +80,14 @@ note "data wait in that run (mean data_ms over its log windows): $($py -c "impor
 rows = [json.loads(l) for l in open('$out/train-default/metrics.jsonl')]
 d = [r['data_ms'] for r in rows if 'data_ms' in r]; print(round(sum(d) / max(len(d), 1), 2))" 2>/dev/null || echo '?') ms"
 
-# 4. the input path alone (no model) and an ImageFolder of JPEGs through train (decoded on the CPU
-# at reduced size; the GPU's nvjpeg decode is not built yet: docs/benchmarks.md, "Input")
+# 4. the input path alone (no model), and an ImageFolder of JPEGs through train, decoded in the
+# loader workers (libjpeg-turbo) and on the GPU (--decode device: batched nvjpeg)
 if [ "${1:-}" = "--cpu-smoke" ]; then jpegs=40 counts=0,1 batches=3; else jpegs=3000 counts=4,8,12 batches=30; fi
 $py -m distributed_step bench --input --data synthetic "${size[@]}" --worker-counts "$counts" \
   --batches "$batches" --baseline | tee "$out/input.txt"
 $py -m distributed_step bench --input --make-jpegs "$out/jpegs" --jpegs "$jpegs" --data "imagefolder:$out/jpegs" \
   "${size[@]}" --worker-counts "$counts" --batches "$batches" --baseline | tee -a "$out/input.txt"
-jpeg_ips=$(train train-jpeg --data "imagefolder:$out/jpegs" --workers "${counts##*,}")
-note "train --data imagefolder (500x375 JPEGs, CPU decode), same step: $jpeg_ips img/s ($($py -c "print(f'{$jpeg_ips / max($bench_ips, 1):.2f}')" 2>/dev/null || echo '?')x bench)"
+for decode in workers device; do
+  jpeg_ips=$(train "train-jpeg-$decode" --data "imagefolder:$out/jpegs" --workers "${counts##*,}" --decode "$decode")
+  note "train --data imagefolder (500x375 JPEGs) --decode $decode, same step: $jpeg_ips img/s ($($py -c "print(f'{$jpeg_ips / max($bench_ips, 1):.2f}')" 2>/dev/null || echo '?')x bench)"
+done

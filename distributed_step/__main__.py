@@ -42,20 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(rest)  # flag errors exit 2 here, before torch is even imported
     except ConfigError as exc:
         return _fail(str(exc), 2)
+    from .evidence import record_failure
     from .train import train
 
     try:
         train(config)
     except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
         message, code = _explain(exc, config)
-        _fail(message, code)
+        consequence = message.startswith(CONSEQUENCES)
+        report = None if consequence else record_failure(exc, message, config.out)
+        _fail(message + (f" (report: {report})" if report else ""), code)
         sys.stderr.flush()
         sys.stdout.flush()
-        if message.startswith(CONSEQUENCES):
-            # Another rank failed first. Its launcher must see that rank exit before this one:
-            # torchrun names as root cause the earliest failure it observes, to the second, and
-            # would otherwise blame whichever rank it lists first. It stops this rank meanwhile.
+        if consequence:
+            # Another rank failed first. Its launcher must see that rank's failure first:
+            # torchrun names as root cause the earliest failure (error-file timestamps, to the
+            # second) and would otherwise blame whichever rank it lists first. It usually stops
+            # this rank meanwhile; if not, this rank's report comes seconds later.
             time.sleep(CONSEQUENCE_DELAY_S)
+            record_failure(exc, message, config.out)
         # Out at once: a normal exit would join DataLoader workers that ignore SIGTERM (so that
         # a preempted step can finish), and this rank would hang while the others wait for it
         # in a collective. Exiting lets gloo tell the other ranks within seconds.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ class TrainConfig:
     image_size: int = _opt(32, "side of the square input images, in pixels")
     synthetic_samples: int = _opt(2048, "training samples of --data synthetic")
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: 0 for in-memory data, else up to 4)")
+    decode: str = _opt("workers", "where imagefolder JPEGs are decoded: in the loader workers, or batched on the "
+                       "device (nvjpeg on CUDA; JPEG files only)", ("workers", "device"))
     # Length of the run
     steps: int = _opt(0, "optimizer steps to run (0: use --epochs)")
     epochs: int = _opt(8, "passes over the training set (ignored when --steps is given)")
@@ -82,9 +85,14 @@ class TrainConfig:
                           "the math (fewer bytes sent, a slightly different update)",
                           ("none", "bf16", "fp16", "powersgd"))
     powersgd_rank: int = _opt(4, "rank of PowerSGD's low-rank gradient approximation (--comm-hook powersgd)")
+    profile_steps: str = _opt("", "A:B: record steps A to B with torch.profiler into <out>/profile/rank<N>.json")
+    profile_ranks: str = _opt("all", "ranks that --profile-steps records: all, or a comma list like 0,3")
     # Debugging (hidden from --help): fault injection for the tests and for drills
     fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)",
                                   debug=True)
+    stall_at_step: int = _opt(0, "the highest rank stops joining collectives at this step (0: off)", debug=True)
+    slow_rank: str = _opt("", "RANK:MS: that rank sleeps MS ms in every step's forward (a straggler drill)",
+                          debug=True)
 
     # --- checks -----------------------------------------------------------------------------
     def validate(self, world_size: int = 1) -> TrainConfig:
@@ -100,6 +108,15 @@ class TrainConfig:
             need(":" in self.data and self.data.split(":", 1)[1] != "",
                  f"--data {kind} needs a directory: --data {kind}:DIR")
         need(self.image_size >= 8, f"--image-size {self.image_size}: must be at least 8")
+        steps = re.fullmatch(r"(\d+):(\d+)", self.profile_steps)
+        need(not self.profile_steps or (steps is not None and 1 <= int(steps[1]) <= int(steps[2])),
+             f"--profile-steps {self.profile_steps!r}: expected A:B with 1 <= A <= B, e.g. 20:25")
+        need(self.profile_ranks == "all" or re.fullmatch(r"\d+(,\d+)*", self.profile_ranks) is not None,
+             f"--profile-ranks {self.profile_ranks!r}: expected all or ranks like 0,3")
+        need(not self.slow_rank or re.fullmatch(r"\d+:\d+", self.slow_rank) is not None,
+             f"--slow-rank {self.slow_rank!r}: expected RANK:MS, e.g. 1:200")
+        need(self.decode == "workers" or kind == "imagefolder",
+             f"--decode device: only --data imagefolder:DIR has files to decode (not {kind})")
         need(self.synthetic_samples >= 1, "--synthetic-samples must be positive")
         need(self.steps >= 0, f"--steps {self.steps}: must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "--epochs must be positive when --steps is 0")
@@ -123,7 +140,7 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         need(0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
         need(self.clip_grad >= 0, "--clip-grad must be >= 0")
-        for name in ("checkpoint_every", "eval_every", "fail_once_at_step", "workers"):
+        for name in ("checkpoint_every", "eval_every", "fail_once_at_step", "stall_at_step", "workers"):
             need(getattr(self, name) >= (-1 if name == "workers" else 0), f"--{_flag(name)} must be >= 0")
         need(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         need(self.log_every >= 1, "--log-every must be at least 1")

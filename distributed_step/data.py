@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +104,7 @@ class Datasets:
     in_memory: bool  # no file I/O per sample: loader workers would only add overhead
     train_transform: DeviceTransform
     held_out_transform: DeviceTransform
+    collate: Callable | None = None  # the loaders' collate_fn when samples are not tensors of one shape
 
 
 def build_datasets(cfg: TrainConfig) -> Datasets:
@@ -138,12 +140,13 @@ def _digits(image_size: int) -> Datasets:
 
 
 def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
-    from .images import ImageFiles, list_image_folder
+    from .images import ImageFiles, collate_encoded, list_image_folder
 
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(train_dir):
         raise ConfigError(f"--data {cfg.data}: expected a train/ folder in {root}")
     train_classes, train_samples = list_image_folder(train_dir, cfg.data)
+    on_device = cfg.decode == "device"
     held = None
     if os.path.isdir(val_dir):
         val_classes, val_samples = list_image_folder(val_dir, cfg.data)
@@ -151,11 +154,11 @@ def _imagefolder(root: str, cfg: TrainConfig) -> Datasets:
             # Each folder is numbered on its own: different class lists would shift labels.
             raise ConfigError(f"--data {cfg.data}: val/ classes {val_classes} differ from train/ classes "
                               f"{train_classes}")
-        held = ImageFiles(val_samples, cfg.image_size, cfg.seed, train=False)
+        held = ImageFiles(val_samples, cfg.image_size, cfg.seed, train=False, on_device=on_device)
     size = cfg.image_size
-    return Datasets(ImageFiles(train_samples, size, cfg.seed, train=True), held, len(train_classes), False,
-                    DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size, flip=True),
-                    DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size))
+    return Datasets(ImageFiles(train_samples, size, cfg.seed, train=True, on_device=on_device), held,
+                    len(train_classes), False, DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size, flip=True),
+                    DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, size), collate_encoded if on_device else None)
 
 
 class CifarImages(Dataset):

@@ -26,7 +26,13 @@ def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
                 # The graph is the same every step, so DDP can skip searching it for unused
                 # parameters and fix the bucket order after the first iteration. It assumes every
                 # backward syncs: accumulation's no_sync micro-steps trip an internal assert.
-                static_graph=cfg.static_graph and cfg.grad_accum == 1)
+                static_graph=cfg.static_graph and cfg.grad_accum == 1,
+                # No broadcast of BatchNorm buffers inside every forward: a collective there makes
+                # a fast rank wait in its forward for a slow one, which hides who is slow (each
+                # rank's forward would show the slowest's time; stragglers.py compares them). Rank
+                # 0's buffers evolve the same either way (it only ever received its own), and they
+                # are broadcast before every evaluation and checkpoint (train.py).
+                broadcast_buffers=False)
     register_comm_hook(model, cfg.comm_hook, cfg.powersgd_rank)
     return model
 

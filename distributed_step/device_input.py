@@ -7,7 +7,8 @@ augmentation, drawn on the CPU from (seed, epoch, index):
     params[i] = (top, left, flip)   # a crop of the zero-padded image, and a horizontal flip
 
 Everything per pixel happens here, on whole batches: resize, the padded random crop, the flip,
-the cast, the normalisation and the channels_last layout. The same code runs on CPU tensors,
+the cast, the normalisation and the channels_last layout (and with --decode device, the JPEG
+decode and each sample's crop: images.decode_crops). The same code runs on CPU tensors,
 so the CPU tests cover what a GPU runs.
 """
 from __future__ import annotations
@@ -73,8 +74,9 @@ class DeviceFeed:
     the step instead of preceding the next one. `wait_s` adds up the host's time waiting for the
     loader: the input's share of the step (logged as data_ms)."""
 
-    def __init__(self, transform: DeviceTransform, device: torch.device, channels_last: bool):
+    def __init__(self, transform: DeviceTransform, device: torch.device, channels_last: bool, samples=None):
         self.transform, self.device, self.channels_last = transform, device, channels_last
+        self.samples = samples  # (path, label) per index: names a file that fails to decode (--decode device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.wait_s = 0.0
 
@@ -100,7 +102,13 @@ class DeviceFeed:
         return prepared
 
     def _prepare(self, images, labels, params):
-        images = images.to(self.device, non_blocking=True)
+        if isinstance(images, list):  # --decode device: JPEG files' bytes, decoded as one batch here
+            from .images import decode_crops
+
+            images = decode_crops(images, params, self.transform.size, self.device, self.samples)
+            params = params[:, :3]
+        else:
+            images = images.to(self.device, non_blocking=True)
         params = params.to(self.device, non_blocking=True)
         return self.transform(images, params, self.channels_last), labels.to(self.device, non_blocking=True)
 

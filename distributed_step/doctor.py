@@ -7,8 +7,10 @@
 Every rank joins the group, then rank 0 prints one line per check: OK, or WARN with what to do.
 Checks: backend and device per rank, hosts, time to rendezvous, all-reduce bandwidth at the size
 of the model's gradients against what the link should give, /dev/shm, threads against cores,
-whether the ranks of a host are pinned to disjoint cores, and whether every rank holds
-identical parameters after one real training step. The exit code is 1 when a check fails
+whether the ranks of a host are pinned to disjoint cores; per rank, against the others (the
+straggler rule of `train`: 1.15x off the lower median), its own training step, matmul and memory
+copy speed; the all-reduce within each host against the best host's; and whether every rank
+holds identical parameters after one real training step. The exit code is 1 when a check fails
 outright (replicas differ), else 0.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .config import OneLineErrorParser, TrainConfig, add_config_flags
 from .dist import all_gather_object, barrier, detect, setup, state_digest, teardown
 from .model import build_model
 from .step import PhaseClock, sgd, train_step
+from .stragglers import THRESHOLD, lower_median
 
 SHM_MIN_BYTES = 1 << 30  # DataLoader workers pass batches through /dev/shm; pods default to 64 MB
 # Lowest bus bandwidth we accept where no link speed can be read (same host, shared memory or
@@ -119,6 +122,84 @@ def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
     return seconds, 4 * numel * 2 * (n - 1) / n / seconds / 1e9
 
 
+def _device_speed(env) -> dict:
+    """This rank's device: matmul GFLOP/s and copy GB/s (the same code on CPU tensors and GPUs)."""
+    cuda = env.device.type == "cuda"
+    n, dtype, size = (4096, torch.bfloat16, 1 << 28) if cuda else (384, torch.float32, 1 << 24)
+    a = torch.randn(n, n, device=env.device, dtype=dtype)
+    src, dst = torch.empty(size, dtype=torch.uint8, device=env.device), torch.empty(size, dtype=torch.uint8,
+                                                                                     device=env.device)
+
+    def timed(fn, repeats: int) -> float:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(env.device)
+        began = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(env.device)
+        return (time.perf_counter() - began) / repeats
+
+    matmul_s = timed(lambda: a @ a, 10)
+    copy_s = timed(lambda: dst.copy_(src), 10)
+    return {"gflops": 2 * n ** 3 / matmul_s / 1e9, "copy_gbps": 2 * size / copy_s / 1e9}
+
+
+def _own_step_ms(env, cfg: TrainConfig, net: nn.Module) -> float:
+    """This rank's own training step (no gradient all-reduce), ms: the compute a straggler lacks."""
+    optimizer = sgd(net.parameters(), 0.0, 0.0, fused=cfg.fused_sgd)  # lr 0: the weights stay as they are
+    images = torch.randn(8, 3, cfg.image_size, cfg.image_size).to(env.device)
+    labels = torch.randint(10, (8,)).to(env.device)
+    clock, loss = PhaseClock(env.device), nn.CrossEntropyLoss()
+    times = []
+    for _ in range(4):
+        began = time.perf_counter()
+        clock.start()
+        train_step(net, optimizer, images, labels, loss, clock)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        times.append(time.perf_counter() - began)
+    return 1e3 * sorted(times[1:])[1]  # the median of three, after a warm-up step
+
+
+def _per_host_bandwidth(env, facts: list[dict], numel: int, repeats: int) -> float | None:
+    """Bus GB/s of an all-reduce among this host's ranks (None alone on the host). Every rank
+    creates every host's group, in the same order, as new_group requires."""
+    hosts = sorted({f["host"] for f in facts})
+    mine = None
+    for host in hosts:
+        ranks = [f["rank"] for f in facts if f["host"] == host]
+        group = torch.distributed.new_group(ranks)
+        if env.rank in ranks and len(ranks) > 1:
+            mine = (group, len(ranks))
+    if mine is None:
+        return None
+    group, n = mine
+    tensor = torch.ones(numel, device=env.device)
+    torch.distributed.all_reduce(tensor, group=group)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        torch.distributed.all_reduce(tensor, group=group)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    return 4 * numel * 2 * (n - 1) / n / ((time.perf_counter() - began) / repeats) / 1e9
+
+
+def _compare_ranks(report: Report, facts: list[dict], key: str, what: str, unit: str, higher_is_better: bool,
+                   todo: str) -> None:
+    """One line: the ranks' figure against the lower median, with the straggler rule of `train`."""
+    values = [f[key] for f in facts]
+    median = lower_median(values)
+    off = [f for f in facts if (median / f[key] if higher_is_better else f[key] / median) >= THRESHOLD]
+    line = f"{what} per rank: {min(values):.1f}-{max(values):.1f} {unit} (median {median:.1f})"
+    if off:
+        names = ", ".join(f"rank {f['rank']} on {f['host']} ({f[key]:.1f})" for f in off)
+        report.warn(f"{line}; off the median by {THRESHOLD:.2f}x or more: {names}", todo)
+    else:
+        report.ok(line)
+
+
 def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
     model = ddp.wrap(net, env, cfg)
     optimizer = sgd(net.parameters(), 0.1, 0.9, fused=cfg.fused_sgd)
@@ -143,6 +224,10 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         net = build_model(10).to(env.device)
         numel = sum(p.numel() for p in net.parameters())
         timing = _bandwidth(env, numel, repeats) if env.distributed else None
+        local_gbps = _per_host_bandwidth(env, facts, numel, repeats) if env.distributed else None
+        mine = {"rank": env.rank, "host": socket.gethostname(), "local_gbps": local_gbps,
+                "step_ms": _own_step_ms(env, cfg, net), **_device_speed(env)}
+        speeds = all_gather_object(mine, env)
         digests = all_gather_object(_one_step_digest(env, cfg, net), env)
     finally:
         teardown(env)
@@ -199,6 +284,20 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
             shared = any(a & b for i, a in enumerate(masks) for b in masks[i + 1:])
             (report.ok(line + " (disjoint)") if not shared or len(on_host) > cores else
              report.warn(line + " (shared)", "keep --pin-cores on, unless other jobs use this node's cores too"))
+    _compare_ranks(report, speeds, "step_ms", "own training step (no all-reduce, 8 images)", "ms", False,
+                   "a slow rank sets every step's pace: check that host's load, clocks, thermal state")
+    _compare_ranks(report, speeds, "gflops", "matmul", "GFLOP/s", True,
+                   "a slow device: check its clocks and temperature (nvidia-smi -q -d CLOCK,TEMPERATURE)")
+    _compare_ranks(report, speeds, "copy_gbps", "memory copy", "GB/s", True,
+                   "slow memory on that device or host: check its NUMA placement and other jobs")
+    by_host = {f["host"]: f["local_gbps"] for f in speeds if f["local_gbps"] is not None}
+    if by_host:
+        best = max(by_host.values())
+        line = "all-reduce within each host: " + ", ".join(f"{h} {v:.2f} GB/s" for h, v in sorted(by_host.items()))
+        slow = [h for h, v in by_host.items() if v < 0.5 * best]
+        (report.ok(line) if not slow else
+         report.warn(line + f"; under half the best host's: {', '.join(sorted(slow))}",
+                     "check that host's GPU interconnect (nvidia-smi topo -m) or its cores"))
     if len(set(digests)) == 1:
         report.ok(f"identical parameters on all {env.world_size} rank(s) after one training step")
     else:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import OneLineErrorParser, TrainConfig, add_config_flags
 from .data import IMAGENET_MEAN, IMAGENET_STD, SyntheticImages, build_datasets, sample_seed, split_key
+from .device_input import DeviceFeed
 from .loaders import train_loader
 
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make-jpegs", default="", metavar="DIR",
                    help="first write an ImageFolder of 500x375 JPEGs there (train/ and val/, 10 classes)")
     p.add_argument("--jpegs", type=int, default=400, help="how many for --make-jpegs (default: 400)")
-    add_config_flags(p, ("data", "image_size", "global_batch_size", "seed"))
+    add_config_flags(p, ("data", "image_size", "global_batch_size", "seed", "decode"))
     p.set_defaults(data="synthetic", image_size=224, global_batch_size=64)
     return p
 
@@ -92,8 +93,9 @@ def _time_loader(loader, batches: int) -> tuple[float, int, int]:
     began, images, size = time.perf_counter(), 0, 0
     for _ in range(batches):
         batch = next(iterator)
-        images += len(batch[0])
-        size += batch[0].numel() * batch[0].element_size()
+        parts = batch[0] if isinstance(batch[0], list) else [batch[0]]  # --decode device: files' bytes
+        images += len(batch[1])
+        size += sum(part.numel() * part.element_size() for part in parts)
     return time.perf_counter() - began, images, size
 
 
@@ -101,7 +103,9 @@ def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
     if args["make_jpegs"]:
         make_jpegs(args["make_jpegs"], args["jpegs"])
-    cfg = TrainConfig(**{k: args[k] for k in ("data", "image_size", "global_batch_size", "seed")}).validate(1)
+    cfg = TrainConfig(**{k: args[k] for k in ("data", "image_size", "global_batch_size", "seed", "decode")
+                         if k in args})
+    cfg = cfg.validate(1)
     sets = build_datasets(cfg)
     variants = [("uint8", sets.train)]
     if args["baseline"]:
@@ -125,10 +129,11 @@ def main(argv: list[str]) -> int:
             print(f"{name:<28} {workers:>7} {rate:>9.0f} {rate / max(workers, 1):>10.0f} {size / seconds / 1e6:>8.1f}",
                   flush=True)
             del loader
-    images, _, params = next(iter(_loader(sets.train, cfg, 0)))
+    batch = next(iter(_loader(sets.train, cfg, 0)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device transform on {device}: {_time_transform(sets.train_transform, images, params, device):.2f} ms "
-          f"per batch of {len(images)}")
+    feed = DeviceFeed(sets.train_transform, device, channels_last=True, samples=getattr(sets.train, "samples", None))
+    what = "decode, crop and transform" if cfg.decode == "device" else "device transform"
+    print(f"{what} on {device}: {_time_feed(feed, batch, device):.2f} ms per batch of {len(batch[1])}")
     return 0
 
 
@@ -158,15 +163,14 @@ class _Repeated(Dataset):
         return self.base[(epoch, i % len(self.base))]
 
 
-def _time_transform(transform, images, params, device) -> float:
-    images, params = images.to(device), params.to(device)
-    for _ in range(2):
-        transform(images, params)
+def _time_feed(feed: DeviceFeed, batch, device: torch.device) -> float:
+    """ms per batch of the device side alone: the copy, (decode,) crop, flip, normalise."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        feed.to_device(*batch)
     sync()
     began, rounds = time.perf_counter(), 10
     for _ in range(rounds):
-        transform(images, params)
+        feed.to_device(*batch)
     sync()
     return 1e3 * (time.perf_counter() - began) / rounds
-

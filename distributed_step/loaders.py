@@ -54,7 +54,7 @@ def train_loader(sets: Datasets, cfg: TrainConfig, rank: int, world_size: int, w
     per_rank = cfg.global_batch_size // world_size
     sampler = ResumableSampler(sets.train, world_size, rank, cfg.seed, per_rank)
     return DataLoader(sets.train, batch_size=per_rank, sampler=sampler, drop_last=True, pin_memory=pin,
-                      **worker_options(workers))
+                      collate_fn=getattr(sets, "collate", None), **worker_options(workers))
 
 
 def worker_options(workers: int) -> dict:
@@ -112,4 +112,5 @@ def held_out_loader(sets: Datasets, batch_size: int, rank: int, world_size: int,
     if sets.held_out is None:
         return None
     shard = Subset(sets.held_out, range(rank, len(sets.held_out), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, pin_memory=pin, **worker_options(workers))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, pin_memory=pin, collate_fn=sets.collate,
+                      **worker_options(workers))

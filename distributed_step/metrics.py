@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .dist import DistEnv, all_reduce_
+from .scalars import Scalars
 
 log = logging.getLogger("distributed_step")
 
@@ -82,11 +83,16 @@ class JsonlLog:
                 kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= resume_step]
             with open(path, "w") as fh:
                 fh.writelines(kept)
+        self.scalars = Scalars(os.path.dirname(path), self.enabled, resume_step)  # the same records, for TensorBoard
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self.scalars.write(record)
+
+    def close(self) -> None:
+        self.scalars.close()
 
 
 def _step_of(line: str) -> int | None:
@@ -127,3 +133,11 @@ class Throughput:
     @property
     def images_per_s(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
+
+
+def progress_bar(env: DistEnv, total: int, initial: int):
+    """A tqdm bar on rank 0 when stderr is a terminal; log lines otherwise."""
+    if not env.is_main or not os.isatty(2):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

@@ -74,10 +74,10 @@ def plot_run(run_dir: str, out_dir: str) -> list[str]:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_accuracy" in r]
     summary_path = os.path.join(run_dir, "summary.json")
-    if os.path.isfile(summary_path):  # the final evaluation is in the summary, not in metrics
+    if os.path.isfile(summary_path):  # runs from before the final evaluation went to metrics.jsonl too
         with open(summary_path) as fh:
             final = json.load(fh)
-        if final.get("eval_accuracy") is not None:
+        if final.get("eval_accuracy") is not None and not any(r["step"] == final["steps"] for r in evals):
             evals.append({"step": final["steps"], "eval_accuracy": final["eval_accuracy"]})
     plt = _pyplot()
     written: list[str] = []
@@ -101,6 +101,15 @@ def plot_run(run_dir: str, out_dir: str) -> list[str]:
            ylabel="ms")
     ax.legend(loc="upper right", ncols=len(PHASES))
     _save(plt, fig, out_dir, "phases.png", written)
+    ranked = [r for r in train if "rank_busy_ms" in r]
+    if ranked:  # the straggler view: each rank's own time per step (data + forward + backward + optimizer)
+        fig, ax = plt.subplots(figsize=(10, 4))
+        for rank in range(len(ranked[0]["rank_busy_ms"])):
+            ax.plot([r["step"] for r in ranked], [r["rank_busy_ms"][rank] for r in ranked], label=f"rank {rank}")
+        ax.set(title="each rank's busy time per step (ms; waiting for other ranks excluded)", xlabel="step",
+               ylabel="ms", ylim=(0, None))
+        ax.legend(loc="upper right", ncols=min(8, len(ranked[0]["rank_busy_ms"])))
+        _save(plt, fig, out_dir, "ranks.png", written)
     return written
 
 

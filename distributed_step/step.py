@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .config import ConfigError
 
@@ -140,22 +141,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         # DDP all-reduces during every backward; with accumulation only the last micro-step
         # needs the sum, so the others skip the communication under no_sync().
         sync = i == accum - 1 or not hasattr(model, "no_sync")
+        # record_function: the phases' names on a profiler timeline (--profile-steps)
         with nullcontext() if sync else model.no_sync():
-            with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+            with record_function("forward"), torch.autocast(device_type, dtype=precision,
+                                                            enabled=precision is not None):
                 loss = loss_fn(model(x), y) / accum
             clock.lap("forward")
-            (scaler.scale(loss) if scaler else loss).backward()
+            with record_function("backward"):
+                (scaler.scale(loss) if scaler else loss).backward()
             clock.lap_backward()
         total += loss.detach()
-    if scaler:
-        scaler.unscale_(optimizer)
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        if scaler:
+            scaler.unscale_(optimizer)
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     clock.lap("optimizer")
     return total

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import ddp, numerics, placement, rundir
+from . import ddp, evidence, faults, numerics, placement, rundir
 from .agreement import StepFlags
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import build_datasets, check_batch_fits
@@ -38,10 +37,12 @@ from .dist import (
     teardown,
 )
 from .loaders import held_out_loader, loader_workers, train_loader
-from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, setup_logging
+from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, progress_bar, setup_logging
 from .model import build_model
 from .preemption import StopRequest
+from .profiling import StepProfiler
 from .step import PhaseClock, amp, lr_factor, sgd, train_step
+from .stragglers import StragglerWatch
 from .syncbn import convert_sync_batchnorm
 
 
@@ -63,6 +64,7 @@ class Summary:
     eval_accuracy: float | None = None
     eval_samples: int | None = None
     replica_digests: list = field(default_factory=list)
+    stragglers: list = field(default_factory=list)  # each slow-rank episode (stragglers.py)
 
 
 def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None) -> Summary:
@@ -75,6 +77,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     placement.check_memory(cfg, world.world_size, world.local_world_size, world.device)
     numerics.configure(cfg.deterministic)  # before the model touches the device (cuBLAS reads it once)
     rundir.prepare(cfg.out)
+    if world.device.type == "cuda" and cfg.backend in ("auto", "nccl"):
+        evidence.nccl_flight_recorder(cfg.out)  # before the process group reads it
     sets = build_datasets(cfg)
     check_batch_fits(sets, cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -115,8 +119,10 @@ class Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.precision, self.scaler = amp(cfg.precision, env.device)
-        self.feed = DeviceFeed(sets.train_transform, env.device, cfg.channels_last)
-        self.held_out_feed = DeviceFeed(sets.held_out_transform, env.device, cfg.channels_last)
+        self.feed = DeviceFeed(sets.train_transform, env.device, cfg.channels_last,
+                               getattr(sets.train, "samples", None))
+        self.held_out_feed = DeviceFeed(sets.held_out_transform, env.device, cfg.channels_last,
+                                        getattr(sets.held_out, "samples", None))
         self.flags = StepFlags(env)
 
         self.net = convert_sync_batchnorm(net, env.device, env.backend) if cfg.sync_bn else net
@@ -136,6 +142,7 @@ class Run:
         self.metrics = JsonlLog(os.path.join(cfg.out, "metrics.jsonl"), env, self.step)
         self.clock, self.meter, self.timer = PhaseClock(env.device), LossMeter(env.device), Throughput()
         self.clock.watch_gradients(self.net)
+        self.stragglers, self.profiler = StragglerWatch(env), StepProfiler(cfg, env.rank, env.device)
 
     # --- the checkpoint state, written and read in one place --------------------------------
     def state_dict(self) -> dict:
@@ -215,6 +222,15 @@ class Run:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Summary:
         self._announce()
+        self.watch = evidence.HangWatch(self.cfg.out, self.cfg.timeout_s)  # stacks if this rank stops moving
+        try:
+            return self._fit()
+        finally:
+            self.watch.close()
+            self.metrics.close()
+            self.profiler.close()
+
+    def _fit(self) -> Summary:
         # SIGTERM stays a flag until the end: the final checkpoint and model.pt are written too.
         with StopRequest() as stop:
             for images, labels in self._batches():  # ends after the last step, or once the ranks agree to stop
@@ -238,7 +254,7 @@ class Run:
         log.info("training %d steps (%d per epoch), global batch %d on %d rank(s), %s/%s",
                  self.total_steps, self.steps_per_epoch, cfg.global_batch_size, env.world_size,
                  env.device.type, env.backend)
-        self.bar = _progress(env, self.total_steps, self.step)
+        self.bar = progress_bar(env, self.total_steps, self.step)
 
     def _batches(self):
         """(images, labels) on the device for every remaining step. Owns the epochs (the
@@ -250,7 +266,8 @@ class Run:
             self.loader.sampler.set_position(epoch, done)
             self.timer.begin()
             for images, labels in self.feed(itertools.islice(self.loader, self.total_steps - self.step)):
-                self._maybe_fail_once()
+                faults.inject(self.cfg, self.step + 1, self.env.rank, self.env.world_size)
+                self.watch.beat()
                 yield images, labels
                 if self.stopping:
                     return
@@ -258,13 +275,16 @@ class Run:
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        self.profiler.before(self.step + 1)
         self.clock.start()
+        faults.slow_down(self.cfg, self.env.rank)  # inside the forward phase
         loss = train_step(self.model, self.optimizer, images, labels, self.loss_fn, self.clock,
                           accum=cfg.grad_accum, precision=self.precision, scaler=self.scaler,
                           clip_grad=cfg.clip_grad)
         self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
+        self.profiler.after(self.step)
         return loss
 
     def _agree(self, stop_requested: bool, loss: torch.Tensor) -> bool:
@@ -293,28 +313,16 @@ class Run:
         if self.stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             self._checkpoint()
 
-    def _maybe_fail_once(self) -> None:
-        """Fault injection: the highest rank dies abruptly before step K, once per run directory."""
-        k = self.cfg.fail_once_at_step
-        if k and self.step + 1 == k and self.env.rank == self.env.world_size - 1:
-            marker = os.path.join(self.cfg.out, f".failed_once_at_step_{k}")
-            if not os.path.exists(marker):
-                with open(marker, "w") as fh:
-                    fh.write(f"rank {self.env.rank} died here on purpose (--fail-once-at-step {k})\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                log.warning("--fail-once-at-step %d: killing this rank now", k)
-                os.kill(os.getpid(), signal.SIGKILL)
-
     def _log(self) -> float:
         loss = self.meter.reduce(self.env)
         steps, seconds = self.timer.take_window()
         phases = {f"{name}_ms": round(ms / steps, 3) for name, ms in self.clock.read_ms().items()}
         phases["data_ms"] = round(1e3 * self.feed.take_wait_s() / steps, 3)  # waiting for the loader
+        ranks = self.stragglers.window(self.step, phases)  # every rank's phases; warns of a slow one
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": loss,
                   "lr": self.lr_used,  # the rate this step used (the scheduler already points at the next)
                   "images_per_s": round(self.cfg.global_batch_size * steps / seconds, 2),
-                  "step_ms": round(1e3 * seconds / steps, 3), **phases}
+                  "step_ms": round(1e3 * seconds / steps, 3), **phases, **ranks}
         self.metrics.write(record)
         if self.bar is not None:
             self.bar.update(self.step - self.bar.n)
@@ -328,6 +336,7 @@ class Run:
     def _evaluate(self) -> dict:
         if self.held_out is None:
             return {}
+        self.watch.beat(force=True)
         broadcast_buffers_(self.net, self.env)  # evaluate rank 0's BatchNorm statistics everywhere
         result = evaluate(self.net, self.held_out_feed(self.held_out), self.env, self.precision)
         log.info("step %d  held-out loss %.4f  accuracy %.4f (%d samples)", self.step,
@@ -341,6 +350,7 @@ class Run:
             raise TrainingError(f"weights are not finite after step {self.step} (lower --lr or set --clip-grad); "
                                 f"the last good checkpoint in {self.cfg.out} is kept")
         broadcast_buffers_(self.net, self.env)
+        self.watch.beat(force=True)
         path = error = None
         if self.env.is_main:
             began = time.perf_counter()
@@ -365,6 +375,8 @@ class Run:
                           self.last_loss, 0.0, self.timer.images_per_s, self.resumed_from)
         if final:
             result = self._evaluate()
+            if result:
+                self.metrics.write({"step": self.step, **result})  # the last point of the eval curves
             summary.eval_loss, summary.eval_accuracy = result.get("eval_loss"), result.get("eval_accuracy")
             summary.eval_samples = result.get("eval_samples")
             # No broadcast here: the final checkpoint already gave every rank rank 0's buffers,
@@ -372,6 +384,7 @@ class Run:
             summary.replica_digests = all_gather_object(state_digest(self.net.state_dict()), env)
             if len(set(summary.replica_digests)) != 1:
                 raise TrainingError(f"replicas differ after step {self.step}: {summary.replica_digests}")
+        summary.stragglers = self.stragglers.episodes
         summary.wall_time_s = round(time.perf_counter() - self.started, 3)
         if env.is_main:
             try:
@@ -388,10 +401,3 @@ class Run:
         barrier(env)
         return summary
 
-
-def _progress(env: DistEnv, total: int, initial: int):
-    """A tqdm bar on rank 0 when stderr is a terminal; log lines otherwise."""
-    if not env.is_main or not os.isatty(2):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

@@ -86,6 +86,7 @@ def train_on_worker(config: dict) -> None:
     import ray.train.torch
 
     from distributed_step.config import TrainConfig
+    from distributed_step.evidence import record_failure
     from distributed_step.train import train
 
     cfg = TrainConfig(**config)
@@ -102,14 +103,23 @@ def train_on_worker(config: dict) -> None:
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
         shutil.rmtree(folder, ignore_errors=True)
 
-    device = ray.train.torch.get_device()  # never cuda:LOCAL_RANK: Ray decides which GPU is ours
+    def run() -> None:
+        try:
+            train(cfg, device=ray.train.torch.get_device(), on_checkpoint=report)  # Ray picks our GPU
+        except BaseException as exc:
+            # Ray logs the traceback; the report in the run directory outlives Ray's session logs.
+            path = record_failure(exc, f"{type(exc).__name__}: {exc}", cfg.out)
+            if path:
+                print(f"[rank {rank}] distributed-step: failure report: {path}", file=sys.stderr, flush=True)
+            raise
+
     restored = ray.train.get_checkpoint()
     if restored is None:
-        train(cfg, device=device, on_checkpoint=report)
+        run()
         return
     with restored.as_directory() as folder:
         cfg.resume = resume_point(folder, cfg.out)
-        train(cfg, device=device, on_checkpoint=report)
+        run()
 
 
 def resume_point(ray_folder: str, out: str) -> str:

@@ -25,11 +25,12 @@ def make_image_folder(root, classes=3, per_class=12, size=40):
             folder.mkdir(parents=True)
             for i in range(per_class if split == "train" else 5):
                 pixels = (torch.rand(size, size, 3, generator=g) * 80 + 60 * c).clamp(0, 255).byte()
-                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg", quality=95)
     return root
 
 
 def test_many_options_together_on_an_image_folder(tmp_path):
+    """Train and held-out JPEGs decoded batch-wise where the model runs (--decode device)."""
     data = make_image_folder(tmp_path / "images")
     weights = tmp_path / "imagenet_like.pt"
     torch.save(resnet18(num_classes=1000).state_dict(), weights)
@@ -38,14 +39,15 @@ def test_many_options_together_on_an_image_folder(tmp_path):
                             "--steps", "6", "--precision", "bf16", "--channels-last", "--grad-accum", "2",
                             "--clip-grad", "1.0", "--label-smoothing", "0.1", "--nesterov", "--schedule", "step",
                             "--warmup-steps", "0", "--lr", "0.01", "--weights", str(weights), "--eval-every", "2",
-                            "--log-every", "1", "--workers", "1", "--checkpoint-every", "0", "--out", str(out)]))
+                            "--log-every", "1", "--workers", "1", "--checkpoint-every", "0", "--decode", "device",
+                            "--out", str(out)]))
     result = summary(out)
     final = load_weights(out / "model.pt")
     assert final["fc.weight"].shape == (3, 512)              # the 1000-class head was replaced
     assert result["replica_digests"] == [state_digest(final)] * 2
     assert result["eval_samples"] == 15
     logged = metrics(out)
-    assert [m["step"] for m in logged if "eval_accuracy" in m] == [2, 4]
+    assert [m["step"] for m in logged if "eval_accuracy" in m] == [2, 4, 6]  # 6: the final evaluation
     lrs = [m["lr"] for m in logged if "lr" in m]
     assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0001)  # /10 at 1/3 and 2/3
 

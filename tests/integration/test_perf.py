@@ -81,7 +81,7 @@ def test_hooked_runs_reach_the_digits_accuracy_and_plot(tmp_path, bench_records)
     _, _, bench_file = bench_records
     assert plot.main([str(tmp_path / "bf16"), str(bench_file), "--out", str(tmp_path / "png")]) == 0
     names = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert names == ["bench-phases.png", "bench-throughput.png", "phases.png", "training.png"]
+    assert names == ["bench-phases.png", "bench-throughput.png", "phases.png", "ranks.png", "training.png"]
     for png in (tmp_path / "png").iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -97,6 +97,9 @@ def test_doctor_reports_every_check_and_flags_oversubscription():
     assert any(line.startswith("OK") and "all-reduce of 44.7 MB" in line for line in lines), lines
     assert any(line.startswith("OK") and "/dev/shm" in line for line in lines), lines
     assert any(line.startswith("OK") and "identical parameters on all 2 rank(s)" in line for line in lines), lines
+    # per rank against the others (a WARN only if a rank is 1.15x off: these two share 2 cores)
+    for what in ("own training step", "matmul per rank", "memory copy per rank", "all-reduce within each host"):
+        assert any(line.startswith(("OK", "WARN")) and what in line for line in lines), (what, lines)
     # --pin-cores (the default, as in `train`) gives each rank its own core: [0], [1] here.
     assert any(line.startswith("OK") and "cores per rank" in line and "(disjoint)" in line for line in lines), lines
     oversubscribed = any(line.startswith("WARN") and "oversubscribed" in line for line in lines)

@@ -63,3 +63,25 @@ def test_a_full_disk_stops_every_rank_in_one_line_and_keeps_the_good_checkpoint(
     assert names == ["step_00000002.pt"]  # the good one, and no temporary file
     resumed = torch.load(out / "checkpoints" / names[0], map_location="cpu", weights_only=True)
     assert resumed["step"] == 2
+
+
+def test_a_stalled_rank_ends_the_job_within_the_timeout_and_every_rank_leaves_its_stacks(tmp_path):
+    """The highest rank stops joining collectives (--stall-at-step): rank 0 waits in one, each rank
+    writes all its threads' stacks before --timeout-s ends the wait, rank 0 fails with a report
+    that torchrun's summary shows (not `error_file: <N/A>`), and torchrun stops the stalled rank."""
+    out = tmp_path / "stall"
+    began = time.time()
+    proc = run(torchrun_cmd(2, TINY + ["--steps", "8", "--stall-at-step", "3", "--timeout-s", "12",
+                                       "--checkpoint-every", "0", "--out", str(out)]), timeout=150)
+    seconds = time.time() - began
+    assert proc.returncode != 0 and seconds < 60, (seconds, proc.output[-3000:])
+    stacks = {p.name: p.read_text() for p in (out / "errors").glob("rank*-stacks.txt")}
+    assert sorted(stacks) == ["rank0-stacks.txt", "rank1-stacks.txt"], proc.output[-3000:]
+    assert "faults.py" in stacks["rank1-stacks.txt"]  # the stalled rank, caught in its stall
+    waiting = stacks["rank0-stacks.txt"]  # the waiting rank: inside the step or the flags' wait
+    assert "distributed_step/step.py" in waiting or "distributed_step/agreement.py" in waiting, waiting
+    report = (out / "errors" / "rank0.txt").read_text()
+    assert "a collective failed" in report and "Traceback" in report
+    summary_part = proc.output[proc.output.index("Root Cause"):]
+    assert "rank      : 0" in summary_part and "<N/A>" not in summary_part
+    assert "a collective failed" in summary_part and f"report: {out}/errors/rank0.txt" in summary_part

@@ -28,7 +28,7 @@ def runs(shared_tmp):
     run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.two)]))
     # --deterministic changes nothing on CPU (the comparison below still holds) but is recorded.
     run_ok(python_cmd(REFERENCE + ["--out", str(out.one), "--deterministic"]))
-    out.crash_log = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.crashed), "--fail-once-at-step", "5"],
+    out.crash_log = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.crashed), "--fail-once-at-step", "6"],
                                         "--max-restarts=1")).output
     return out
 
@@ -72,6 +72,8 @@ def test_run_directory_explains_itself(runs):
         assert m["forward_ms"] + m["backward_ms"] + m["optimizer_ms"] <= m["step_ms"] * 1.01
     result = summary(runs.two)
     assert result["images_per_s"] > 0 and result["wall_time_s"] > 0 and result["eval_samples"] == 257
+    assert result["stragglers"] == []  # balanced ranks: no straggler warning
+    assert all(len(m["rank_busy_ms"]) == 2 for m in logged)
     names = sorted(p.name for p in (runs.two / "checkpoints").iterdir())
     assert names == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]
     # model.pt is a plain torchvision resnet18 state dict (with the small stem's conv1 shape)
@@ -83,8 +85,9 @@ def test_run_directory_explains_itself(runs):
 
 
 def test_crash_and_restart_is_bit_exact(runs):
-    """Rank 1 is SIGKILLed before step 5; torchrun restarts both; they resume from step 4 (mid-epoch)."""
-    assert (runs.crashed / ".failed_once_at_step_5").exists()
+    """Rank 1 is SIGKILLed before step 6; torchrun restarts both; they resume from step 4 (mid-epoch)
+    and step 5, logged before the crash, is logged again: once in metrics.jsonl and TensorBoard."""
+    assert (runs.crashed / ".failed_once_at_step_6").exists()
     assert "killing this rank now" in runs.crash_log
     result = summary(runs.crashed)
     assert result["resumed_from"].endswith("step_00000004.pt") and result["steps"] == 6
@@ -93,6 +96,14 @@ def test_crash_and_restart_is_bit_exact(runs):
     # the restarted run logged each step once, with the uninterrupted run's losses
     logged = [(m["step"], m["loss"]) for m in metrics(runs.crashed) if "loss" in m]
     assert logged == [(m["step"], m["loss"]) for m in metrics(runs.two) if "loss" in m]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(runs.crashed / "tensorboard"))
+    board.Reload()
+    curve = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert [step for step, _ in curve] == [1, 2, 3, 4, 5, 6]  # the crashed run's step 5 was purged
+    assert all(value == pytest.approx(loss, rel=1e-6) for (_, value), (_, loss) in zip(curve, logged))
+    assert {"speed/data_ms", "speed/images_per_s", "train/lr", "eval/accuracy"} <= set(board.Tags()["scalars"])
 
 
 def test_held_out_evaluation_is_exact_across_world_sizes(runs, shared_tmp):

@@ -1,5 +1,7 @@
 """uint8 batches to the model's input (device_input.py, images.py, agreement.py), on CPU tensors:
 the same code a GPU runs, checked against per-sample torchvision references."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,32 @@ def test_synthetic_batches_normalise_to_zero_mean_unit_variance(size):
     batch = torch.stack([sets.train[i][0] for i in range(64)])
     x = sets.train_transform(batch, torch.zeros(64, 3, dtype=torch.int16))
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def test_decode_on_the_device_equals_the_workers_decode(tmp_path):
+    """--decode device: the files' bytes and boxes travel, the batch is decoded and cropped where
+    the model runs (nvjpeg on CUDA; here the same code on CPU tensors)."""
+    from distributed_step.images import UnreadableImage, collate_encoded
+
+    samples = [(str(photo(tmp_path / f"{i}.jpg", width=120, height=90, seed=i)), i % 2) for i in range(4)]
+    for train in (True, False):
+        workers = ImageFiles(samples, 32, seed=1, train=train)
+        device = ImageFiles(samples, 32, seed=1, train=train, on_device=True)
+        keys = [(2, i) for i in range(4)]
+        encoded, labels, params = collate_encoded([device[k] for k in keys])
+        assert isinstance(encoded, list) and params.shape == (4, 8) and labels.tolist() == [0, 1, 0, 1]
+        transform = DeviceTransform(IMAGENET_MEAN, IMAGENET_STD, 32, flip=train)
+        feed = DeviceFeed(transform, torch.device("cpu"), channels_last=False, samples=samples)
+        (on_device, _), = feed([(encoded, labels, params)])
+        expected = transform(torch.stack([workers[k][0] for k in keys]),
+                             torch.stack([workers[k][2] for k in keys]))
+        assert torch.equal(params[:, 2], torch.stack([workers[k][2] for k in keys])[:, 2].int())  # same flips
+        assert (on_device - expected).abs().mean() < 0.02  # the same crops, up to uint8 rounding
+    whole = Path(samples[1][0]).read_bytes()
+    (tmp_path / "0.jpg").write_bytes(whole[:len(whole) * 6 // 10])  # truncated: the header is intact
+    encoded, labels, params = collate_encoded([device[(0, i)] for i in range(2)])
+    with pytest.raises(UnreadableImage, match=f"unreadable image {tmp_path}/0.jpg"):
+        list(feed([(encoded, labels, params)]))
+    Image.new("RGB", (8, 8)).save(tmp_path / "png.png")
+    with pytest.raises(UnreadableImage, match="decodes JPEG files only"):
+        ImageFiles([(str(tmp_path / "png.png"), 0)], 8, seed=0, train=True, on_device=True)[0]
