@@ -32,9 +32,17 @@ def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
                 # rank's forward would show the slowest's time; stragglers.py compares them). Rank
                 # 0's buffers evolve the same either way (it only ever received its own), and they
                 # are broadcast before every evaluation and checkpoint (train.py).
-                broadcast_buffers=False)
+                **_no_buffer_sync())
     register_comm_hook(model, cfg.comm_hook, cfg.powersgd_rank)
     return model
+
+
+def _no_buffer_sync() -> dict:
+    """torch 2.14 renamed broadcast_buffers (deprecated, with a warning) to forward_sync_buffers."""
+    import inspect
+
+    names = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
 
 
 def register_comm_hook(model: DDP, name: str, powersgd_rank: int = 4) -> None:

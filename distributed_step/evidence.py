@@ -57,6 +57,7 @@ def record_failure(exc: BaseException, message: str, out: str | None) -> str | N
 def nccl_flight_recorder(out: str) -> None:
     """On NCCL: keep the last collectives of each rank and dump them here on a timeout, unless
     the user configured the recorder. Read by torch when the process group is created."""
+    os.makedirs(errors_dir(out), exist_ok=True)  # torch writes the dumps there, but makes no folder
     os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(errors_dir(out), "nccl_trace_rank_"))
@@ -70,7 +71,8 @@ class HangWatch:
         self.after_s = max(1.0, timeout_s - min(30.0, timeout_s / 4))
         self.path = os.path.join(errors_dir(out), f"rank{_rank()}-stacks.txt")
         os.makedirs(errors_dir(out), exist_ok=True)
-        self.file = open(self.path, "w")  # noqa: SIM115 - faulthandler writes to it from its own thread
+        # Appended, never truncated: a restarted attempt must not wipe the last one's evidence.
+        self.file = open(self.path, "a")  # noqa: SIM115 - faulthandler writes to it from its own thread
         self.armed_at = 0.0
         self.beat(force=True)
 
@@ -81,6 +83,12 @@ class HangWatch:
         if force or now - self.armed_at >= min(5.0, self.after_s / 4):
             faulthandler.dump_traceback_later(self.after_s, repeat=False, file=self.file, exit=False)
             self.armed_at = now
+
+    def beating(self, batches):
+        """`batches`, with a beat for each (a long evaluation is progress, not a hang)."""
+        for batch in batches:
+            self.beat()
+            yield batch
 
     def close(self) -> None:
         faulthandler.cancel_dump_traceback_later()

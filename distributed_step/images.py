@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .config import ConfigError
 
+TORCHVISION_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")  # PIL's names of what torchvision.io decodes
 RESIZE_RATIO = 256 / 224  # held-out images: the short side to size * this, then the centre crop
 
 
@@ -138,15 +139,20 @@ def decode_crop(path: str, chooser, size: int, reduce: bool = True) -> torch.Ten
 
 
 def _decode_rgb(data: bytearray, header) -> torch.Tensor:
-    """uint8 (3, H, W). torchvision.io's libjpeg-turbo / libpng decoders, deprecated since
-    torchvision 0.29 in favour of TorchCodec but still shipped: where they are gone, PIL."""
+    """uint8 (3, H, W). torchvision.io's libjpeg-turbo / libpng decoders for the formats they
+    read as 8-bit RGB (deprecated since torchvision 0.29 in favour of TorchCodec, still shipped);
+    PIL for the rest of what ImageFolder lists (BMP, TIFF, PPM, ...) and where they are gone."""
     try:
         from torchvision.io import ImageReadMode, decode_image
     except ImportError:
-        return torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        decode_image = None
+    if decode_image is not None and header.format in TORCHVISION_FORMATS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:  # a 16-bit PNG comes back as uint16: PIL scales it below
+            return image
+    return torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1)
 
 
 def _unreadable(path: str, exc: BaseException) -> UnreadableImage:

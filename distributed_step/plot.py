@@ -104,11 +104,13 @@ def plot_run(run_dir: str, out_dir: str) -> list[str]:
     ranked = [r for r in train if "rank_busy_ms" in r]
     if ranked:  # the straggler view: each rank's own time per step (data + forward + backward + optimizer)
         fig, ax = plt.subplots(figsize=(10, 4))
-        for rank in range(len(ranked[0]["rank_busy_ms"])):
-            ax.plot([r["step"] for r in ranked], [r["rank_busy_ms"][rank] for r in ranked], label=f"rank {rank}")
+        ranks = max(len(r["rank_busy_ms"]) for r in ranked)  # a resumed run may have another world size
+        for rank in range(ranks):
+            mine = [r for r in ranked if rank < len(r["rank_busy_ms"])]
+            ax.plot([r["step"] for r in mine], [r["rank_busy_ms"][rank] for r in mine], label=f"rank {rank}")
         ax.set(title="each rank's busy time per step (ms; waiting for other ranks excluded)", xlabel="step",
                ylabel="ms", ylim=(0, None))
-        ax.legend(loc="upper right", ncols=min(8, len(ranked[0]["rank_busy_ms"])))
+        ax.legend(loc="upper right", ncols=min(8, ranks))
         _save(plt, fig, out_dir, "ranks.png", written)
     return written
 

@@ -36,9 +36,9 @@ class Scalars:
         except ImportError:  # torch's writer needs the tensorboard package
             log.warning("TensorBoard scalars are off: the tensorboard package is missing (pip install tensorboard)")
             return
-        # purge_step: TensorBoard drops this directory's events at or after it (a crashed run's tail).
-        purge = resume_step + 1 if resume_step else None
-        self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=purge)
+        # purge_step: TensorBoard drops this directory's events at or after it: a crashed run's
+        # tail, or everything when the run starts over (step 0), as metrics.jsonl does.
+        self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if self.writer is None:

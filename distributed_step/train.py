@@ -294,8 +294,8 @@ class Run:
         self.flags.post(self.step, stop_requested, loss)
         cfg, step = self.cfg, self.step
         if (step == self.total_steps or step % cfg.log_every == 0 or (cfg.eval_every and step % cfg.eval_every == 0)
-                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            self.flags.settle()
+                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.flags.stop):
+            self.flags.settle()  # (on a stop too: its checkpoint must not hold this step if it was not finite)
         if self.flags.non_finite_step is not None:
             raise TrainingError(f"loss is not finite at step {self.flags.non_finite_step} (lower --lr or set "
                                 f"--clip-grad); the last good checkpoint in {self.cfg.out} is kept")
@@ -338,7 +338,7 @@ class Run:
             return {}
         self.watch.beat(force=True)
         broadcast_buffers_(self.net, self.env)  # evaluate rank 0's BatchNorm statistics everywhere
-        result = evaluate(self.net, self.held_out_feed(self.held_out), self.env, self.precision)
+        result = evaluate(self.net, self.watch.beating(self.held_out_feed(self.held_out)), self.env, self.precision)
         log.info("step %d  held-out loss %.4f  accuracy %.4f (%d samples)", self.step,
                  result["eval_loss"], result["eval_accuracy"], result["eval_samples"])
         return result
@@ -389,6 +389,7 @@ class Run:
         if env.is_main:
             try:
                 if final:
+                    self.watch.beat(force=True)
                     weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
                     ckpt.save_atomic(weights, os.path.join(cfg.out, "model.pt"))
                 with open(os.path.join(cfg.out, "summary.json"), "w") as fh:

@@ -127,14 +127,14 @@ def resume_point(ray_folder: str, out: str) -> str:
     Ray registers a checkpoint only once it has collected every worker's report of it, so after
     a worker dies Ray's newest can be older than the newest file the core wrote (seen: 2 against
     4); both are on shared storage, so the newer wins and no finished step is lost."""
-    from distributed_step.checkpoint import list_checkpoints
+    from distributed_step.checkpoint import find_newest_valid
 
     files = sorted(name for name in os.listdir(ray_folder) if name.startswith("step_") and name.endswith(".pt"))
     if not files:
         return "auto"
     ray_step = int(files[-1][len("step_"):-len(".pt")])
-    local = list_checkpoints(out)
-    return "auto" if local and local[0][0] >= ray_step else os.path.join(ray_folder, files[-1])
+    local = find_newest_valid(out)  # (step, path) of the newest that loads: a torn file does not count
+    return "auto" if local and local[0] >= ray_step else os.path.join(ray_folder, files[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

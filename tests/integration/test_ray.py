@@ -163,9 +163,17 @@ def test_a_restart_resumes_from_the_newer_of_rays_checkpoint_and_the_run_directo
     (ray_copy / "step_00000004.pt").touch()
     assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # --out empty
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "step_00000002.pt").touch()
+    from distributed_step.checkpoint import REQUIRED_KEYS
+
+    def checkpoint(step):
+        torch.save({key: step if key == "step" else 0 for key in REQUIRED_KEYS},
+                   out / "checkpoints" / f"step_{step:08d}.pt")
+
+    checkpoint(2)
     assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # Ray's newer
-    (out / "checkpoints" / "step_00000006.pt").touch()
+    (out / "checkpoints" / "step_00000008.pt").write_bytes(b"torn")  # newer but unreadable: not counted
+    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")
+    checkpoint(6)
     assert module.resume_point(str(ray_copy), str(out)) == "auto"  # --out newer: the core picks it
 
 

@@ -154,3 +154,15 @@ def test_decode_on_the_device_equals_the_workers_decode(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "png.png")
     with pytest.raises(UnreadableImage, match="decodes JPEG files only"):
         ImageFiles([(str(tmp_path / "png.png"), 0)], 8, seed=0, train=True, on_device=True)[0]
+
+
+@pytest.mark.parametrize("fmt, mode", [("BMP", "RGB"), ("TIFF", "RGB"), ("PNG", "I;16"), ("PNG", "L")])
+def test_formats_outside_torchvisions_decoders_still_load(tmp_path, fmt, mode):
+    """ImageFolder lists BMP, TIFF, PPM...: those, and 16-bit PNGs, go through PIL."""
+    pixels = np.arange(40 * 30, dtype=np.uint16 if mode == "I;16" else np.uint8).reshape(30, 40)
+    image = Image.fromarray(pixels if mode != "RGB" else np.stack([pixels.astype(np.uint8)] * 3, -1))
+    assert image.mode == mode
+    path = tmp_path / f"x.{fmt.lower()}"
+    image.save(path, format=fmt)
+    crop, _, _ = ImageFiles([(str(path), 0)], 16, seed=0, train=False)[0]
+    assert crop.shape == (3, 16, 16) and crop.dtype == torch.uint8
