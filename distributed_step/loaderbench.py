@@ -1,6 +1,6 @@
 """`python -m distributed_step bench --input`: the input path alone, no model, no process group.
 
-    python -m distributed_step bench --input --data synthetic --image-size 224 --workers 1
+    python -m distributed_step bench --input --data synthetic --image-size 224 --worker-counts 0,1
     python -m distributed_step bench --input --make-jpegs /tmp/jpegs --data imagefolder:/tmp/jpegs --baseline
 
 It iterates the package's own train_loader (sampler, dataset, workers, collate: what `train`
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import OneLineErrorParser, TrainConfig, add_config_flags
+from .config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags
 from .data import IMAGENET_MEAN, IMAGENET_STD, SyntheticImages, build_datasets, sample_seed, split_key
 from .device_input import DeviceFeed
 from .loaders import train_loader
@@ -101,6 +101,13 @@ def _time_loader(loader, batches: int) -> tuple[float, int, int]:
 
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
+    try:
+        counts = [int(w) for w in args["worker_counts"].split(",")]
+    except ValueError:
+        counts = [-1]
+    if min(counts) < 0 or args["batches"] < 1:
+        raise ConfigError(f"--worker-counts {args['worker_counts']!r} / --batches {args['batches']}: expected "
+                          "worker counts >= 0 like 0,1,2 and at least 1 batch")
     if args["make_jpegs"]:
         make_jpegs(args["make_jpegs"], args["jpegs"])
     cfg = TrainConfig(**{k: args[k] for k in ("data", "image_size", "global_batch_size", "seed", "decode")
@@ -122,7 +129,7 @@ def main(argv: list[str]) -> int:
     for name, dataset in variants:
         if len(dataset) < needed:
             dataset = _Repeated(dataset, needed)
-        for workers in (int(w) for w in args["worker_counts"].split(",")):
+        for workers in counts:
             loader = _loader(dataset, cfg, workers)
             seconds, images, size = _time_loader(loader, args["batches"])
             rate = images / seconds

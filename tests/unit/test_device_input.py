@@ -166,3 +166,18 @@ def test_formats_outside_torchvisions_decoders_still_load(tmp_path, fmt, mode):
     image.save(path, format=fmt)
     crop, _, _ = ImageFiles([(str(path), 0)], 16, seed=0, train=False)[0]
     assert crop.shape == (3, 16, 16) and crop.dtype == torch.uint8
+
+
+def test_bench_input_times_the_loader_and_its_baseline_and_refuses_bad_counts(tmp_path, capsys):
+    from distributed_step import bench
+    from distributed_step.config import ConfigError
+
+    assert bench.main(["--input", "--make-jpegs", str(tmp_path / "jpegs"), "--jpegs", "20", "--data",
+                       f"imagefolder:{tmp_path / 'jpegs'}", "--image-size", "16", "--global-batch-size", "4",
+                       "--worker-counts", "0", "--batches", "2", "--baseline"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("uint8", "full decode"))]
+    assert len(rows) == 2 and all(float(row[-3]) > 0 for row in rows), out  # img/s of each variant
+    assert "device transform on cpu" in out
+    with pytest.raises(ConfigError, match="--worker-counts 'two'"):
+        bench.main(["--input", "--worker-counts", "two"])
