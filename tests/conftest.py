@@ -3,14 +3,9 @@ tests/k8s (manifests and the operator emulation). Helpers live in tests/helpers.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import ADDRS, ip
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,27 +27,23 @@ def shared_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def network(hosts: int = 2, **kw):
+    """Hosts as network namespaces on one switch (distributed_step/netlab.py), removed afterwards
+    whatever happens; skipped where namespaces cannot be made (no root, no iproute2)."""
+    from distributed_step.netlab import Network, NetlabError, available
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    try:
+        return Network(hosts, **kw).__enter__()
+    except NetlabError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+
+
 @pytest.fixture
 def two_hosts():
-    """Two "hosts": network namespaces joined by a veth pair, at ADDRS, each with its loopback."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (ip netns)")
-    tag = uuid.uuid4().hex[:6]
-    hosts = (f"ds-a-{tag}", f"ds-b-{tag}")
-    try:
-        for ns in hosts:
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        ip("link", "add", f"dsa{tag}", "type", "veth", "peer", "name", f"dsb{tag}")
-        for ns, dev, addr in zip(hosts, (f"dsa{tag}", f"dsb{tag}"), ADDRS):
-            ip("link", "set", dev, "netns", ns)
-            ip("-n", ns, "link", "set", dev, "name", "ds0")  # the same name on both hosts
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "ds0")
-            ip("-n", ns, "link", "set", "ds0", "up")
-    except subprocess.CalledProcessError as exc:
-        for ns in hosts:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode().strip()}")
-    yield hosts
-    for ns in hosts:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    """Two hosts at 10.213.77.1 and .2, unshaped; the test may reshape the links (net.shape)."""
+    net = network(2)
+    yield net
+    net.close()

@@ -67,12 +67,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# Two "hosts": network namespaces joined by a veth pair (tests/conftest.py, two_hosts). The
-# addresses exist only inside the namespaces the tests create.
-ADDRS = ("10.213.77.1", "10.213.77.2")
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)

@@ -1,37 +1,41 @@
-"""Two "hosts" (network namespaces joined by a veth pair), each running torchrun with 2 ranks,
-rendezvous over c10d. The result must equal a single-node 4-rank run bit for bit: same ranks,
-same ring all-reduce, so the network in between must change nothing.
-"""
+"""Several hosts (network namespaces on one switch: distributed_step/netlab.py), each running
+torchrun, rendezvous over c10d. The network in between must change the time, never the math:
+two nodes of 2 ranks equal one node of 4 bit for bit (same ranks, same ring all-reduce), over
+a link shaped to 1 Gbit/s as over an unshaped one."""
 from __future__ import annotations
-
-import subprocess
 
 import torch
 
-from tests.helpers import ADDRS, ROOT, TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
+from tests.helpers import TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
+TRAIN = ["-m", "distributed_step", "train"]
 
 
-def test_two_nodes_over_c10d_match_one_node(two_hosts, tmp_path):
+def two_node_run(net, out, *extra: str) -> None:
+    procs = net.torchrun(2, TRAIN + FLAGS + ["--out", str(out), *extra], run_id=out.name, env=child_env())
+    outputs = net.wait(procs, timeout=240)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    assert summary(out)["world_size"] == 4
+
+
+def test_two_nodes_match_one_node_over_fast_and_slow_links(two_hosts, tmp_path):
     single = tmp_path / "one_node"
     run_ok(torchrun_cmd(4, FLAGS + ["--out", str(single)]))
+    reference = load_weights(single / "model.pt")
 
-    multi = tmp_path / "two_nodes"
-    procs = []
-    for node, (ns, addr) in enumerate(zip(two_hosts, ADDRS)):
-        host_flags = ["--rdzv-conf=is_host=true"] if node == 0 else []
-        # --socket-ifname: gloo must advertise the veth address, not what the hostname resolves to
-        cmd = torchrun_cmd(2, FLAGS + ["--out", str(multi), "--socket-ifname", "ds0"], "--nnodes=2",
-                           "--rdzv-backend=c10d", f"--rdzv-endpoint={ADDRS[0]}:29400", "--rdzv-id=netns-test",
-                           f"--local-addr={addr}", *host_flags)
-        cmd.remove("--standalone")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *cmd], cwd=ROOT, env=child_env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    assert summary(multi)["world_size"] == 4
-    # the workers really talked across the veth pair: both hosts' addresses served ranks
-    a, b = load_weights(single / "model.pt"), load_weights(multi / "model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --socket-ifname: gloo advertises the named interface's address, whatever the name resolves to
+    two_node_run(two_hosts, tmp_path / "unshaped", "--socket-ifname", "ds0")
+    weights = load_weights(tmp_path / "unshaped" / "model.pt")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+
+    two_hosts.shape("1gbit")
+    sent_before = two_hosts.sent_bytes(1)
+    two_node_run(two_hosts, tmp_path / "1gbit")  # the host name resolves to the host's address here
+    weights = load_weights(tmp_path / "1gbit" / "model.pt")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    # The gradients really crossed the shaped link: a ring all-reduce sends each node's share of
+    # them through it at every step (and the first broadcast sends the weights).
+    gradient_bytes = sum(v.numel() * v.element_size() for v in weights.values() if v.is_floating_point())
+    assert two_hosts.sent_bytes(1) - sent_before > 4 * gradient_bytes / 2

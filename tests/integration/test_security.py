@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import ADDRS, ROOT, TINY, child_env, python_cmd
+from tests.helpers import ROOT, TINY, child_env, python_cmd
 
 PROBE = """
 import json, socket, sys
@@ -36,7 +36,7 @@ def probe(ns: str, address: str, ports: list[int]) -> dict:
 
 
 def test_a_one_host_run_listens_on_loopback_only(two_hosts, tmp_path):
-    host, other = two_hosts
+    host, other = two_hosts.names
     # A listener on every interface of the host, reachable from the other: the probe can see it.
     control = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c",
                                 "import socket, time; s = socket.create_server(('0.0.0.0', 29777)); time.sleep(600)"])
@@ -53,7 +53,7 @@ def test_a_one_host_run_listens_on_loopback_only(two_hosts, tmp_path):
         sockets = [(a, p) for a, p in listening(host) if p != 29777]
         assert (("127.0.0.1", 29500) in sockets) and len(sockets) >= 2, sockets  # the store, gloo's pairs
         assert all(address == "127.0.0.1" for address, _ in sockets), sockets
-        answers = probe(other, ADDRS[0], [port for _, port in sockets] + [29777])
+        answers = probe(other, two_hosts.addrs[0], [port for _, port in sockets] + [29777])
         assert answers.pop(29777) == "connected", "the probe could not reach the host at all"
         assert set(answers.values()) == {"ConnectionRefusedError"}, answers
     finally:
