@@ -122,6 +122,9 @@ class _Bench:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.net = build_model(10, channels_last=cfg.channels_last).to(env.device)
         self.ddp = ddp.wrap(self.net, env, cfg)
+        report = getattr(self.ddp, "link_report", None)  # --comm-hook auto: what it measured and chose
+        self.chosen = {"comm_hook_chosen": getattr(self.ddp, "comm_hook", cfg.comm_hook),
+                       **({"link_check": report.as_record()} if report else {})}
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # each rank its own batch
         n, side = variant.batch_per_rank, cfg.image_size
@@ -199,7 +202,7 @@ def run_rank(args: dict) -> list[dict] | None:
             for bench in benches[r % len(benches):] + benches[:r % len(benches)]:
                 for mode in (("sync", "nosync") if r % 2 == 0 else ("nosync", "sync")):
                     bench.run(mode, args["steps"], record=True)
-        checks = [{**(b.check_sync() if env.distributed else {}), **compiled.get(i, {})}
+        checks = [{**(b.check_sync() if env.distributed else {}), **compiled.get(i, {}), **b.chosen}
                   for i, b in enumerate(benches)]
         gathered = all_gather_object([[b.summary(m) for m in ("sync", "nosync")] for b in benches], env)
     finally:

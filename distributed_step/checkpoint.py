@@ -14,6 +14,8 @@ import shutil
 
 import torch
 
+from .config import ConfigError
+
 log = logging.getLogger("distributed_step")
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -21,6 +23,9 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 # reads (tests/unit/test_run_state.py fails when the three drift apart).
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batches_in_epoch",
                  "global_batch_size", "world_size", "rng", "config", "last_loss")
+# What a resumed run may not change: the data, the order it is seen in (seed, global batch), and
+# the model's shape. Everything else (rates and schedule, length, cadences, precision) applies.
+FIXED_ON_RESUME = ("data", "synthetic_samples", "image_size", "seed", "global_batch_size", "small_input_stem")
 
 
 def checkpoint_dir(out: str) -> str:
@@ -138,3 +143,20 @@ def choose(out: str, resume: str) -> tuple[str | None, str | None]:
     for moved in set_aside_newer(out, step):
         log.warning("set aside %s: newer than step %d, where this run starts", moved, step)
     return path, None
+
+
+def check_resumable(state: dict, cfg, num_classes: int) -> None:
+    """Refuse a checkpoint whose data, data order or model shape differ from this run's flags
+    (ConfigError naming the flag), and log every other flag that changed since it was saved."""
+    saved = state["config"]
+    for name in FIXED_ON_RESUME:
+        if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
+                              f"{saved[name]}: a resumed run keeps its data, data order and model shape "
+                              "(use another --out, or --resume never, to start afresh)")
+    classes = state["model"]["fc.weight"].shape[0]
+    if classes != num_classes:
+        raise ConfigError(f"--data {cfg.data} has {num_classes} classes, the checkpoint's model {classes}")
+    for name, value in cfg.to_dict().items():
+        if name not in ("out", "resume") and saved.get(name, value) != value:
+            log.info("resume: --%s %s (the checkpoint had %s)", name.replace("_", "-"), value, saved[name])

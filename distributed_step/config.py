@@ -82,8 +82,9 @@ class TrainConfig:
                            "(off when jobs share a node)")
     threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node, at most OMP_NUM_THREADS)")
     comm_hook: str = _opt("none", "gradient compression: none is exact; bf16, fp16 and powersgd change "
-                          "the math (fewer bytes sent, a slightly different update)",
-                          ("none", "bf16", "fp16", "powersgd"))
+                          "the math (fewer bytes sent, a slightly different update); auto measures the "
+                          "link at start and takes bf16 only where exact would leave over 5%% of the step "
+                          "waiting on the wire", ("none", "bf16", "fp16", "powersgd", "auto"))
     powersgd_rank: int = _opt(4, "rank of PowerSGD's low-rank gradient approximation (--comm-hook powersgd)")
     profile_steps: str = _opt("", "A:B: record steps A to B with torch.profiler into <out>/profile/rank<N>.json")
     profile_ranks: str = _opt("all", "ranks that --profile-steps records: all, or a comma list like 0,3")

@@ -10,15 +10,22 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import linkcheck
 from .config import TrainConfig
 from .dist import DistEnv
 
 
-def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
+def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig, hook: str | None = None) -> nn.Module:
     """DDP around `net` (a no-op on one process) with the configuration's knobs: gradients are
-    all-reduced bucket by bucket while backward is still computing the earlier layers."""
+    all-reduced bucket by bucket while backward is still computing the earlier layers. `hook`
+    overrides --comm-hook (a resumed run keeps the hook "auto" chose). The DDP module carries
+    the hook in use (.comm_hook) and, for "auto", what decided it (.link_report)."""
     if not env.distributed:
         return net
+    hook, report = hook or cfg.comm_hook, None
+    if hook == "auto":  # measured before DDP exists: its buckets would otherwise be in the timing
+        report = linkcheck.measure(net, env.world_size, env.device, cfg)
+        hook = report.hook
     model = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None,
                 bucket_cap_mb=cfg.bucket_cap_mb,
                 # The gradients live inside the communication buckets: no copy in, no copy out.
@@ -33,7 +40,8 @@ def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
                 # 0's buffers evolve the same either way (it only ever received its own), and they
                 # are broadcast before every evaluation and checkpoint (train.py).
                 **_no_buffer_sync())
-    register_comm_hook(model, cfg.comm_hook, cfg.powersgd_rank)
+    register_comm_hook(model, hook, cfg.powersgd_rank)
+    model.comm_hook, model.link_report = hook, report
     return model
 
 

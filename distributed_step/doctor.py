@@ -10,8 +10,10 @@ of the model's gradients against what the link should give, /dev/shm, threads ag
 whether the ranks of a host are pinned to disjoint cores; per rank, against the others (the
 straggler rule of `train`: 1.15x off the lower median), its own training step, matmul and memory
 copy speed; the all-reduce within each host against the best host's; and whether every rank
-holds identical parameters after one real training step. The exit code is 1 when a check fails
-outright (replicas differ), else 0.
+holds identical parameters after one real training step. Across hosts: the all-reduce bandwidth
+between them (one rank per host), and the --comm-hook that `auto` would choose for the step of
+--image-size and --global-batch-size (linkcheck.py: exact unless over 5% of the step would
+wait). The exit code is 1 when a check fails outright (replicas differ), else 0.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 import torch
 from torch import nn
 
-from . import ddp, placement
+from . import ddp, linkcheck, placement
 from .config import OneLineErrorParser, TrainConfig, add_config_flags
 from .dist import all_gather_object, barrier, detect, setup, state_digest, teardown
 from .model import build_model
@@ -176,6 +178,11 @@ def _per_host_bandwidth(env, facts: list[dict], numel: int, repeats: int) -> flo
     if mine is None:
         return None
     group, n = mine
+    return 4 * numel * 2 * (n - 1) / n / _all_reduce_s(env, numel, group, repeats) / 1e9
+
+
+def _all_reduce_s(env, numel: int, group, repeats: int) -> float:
+    """Seconds per all-reduce of `numel` floats within `group`, after one to warm up."""
     tensor = torch.ones(numel, device=env.device)
     torch.distributed.all_reduce(tensor, group=group)
     began = time.perf_counter()
@@ -183,7 +190,18 @@ def _per_host_bandwidth(env, facts: list[dict], numel: int, repeats: int) -> flo
         torch.distributed.all_reduce(tensor, group=group)
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
-    return 4 * numel * 2 * (n - 1) / n / ((time.perf_counter() - began) / repeats) / 1e9
+    return (time.perf_counter() - began) / repeats
+
+
+def _between_hosts_gbit(env, facts: list[dict], repeats: int) -> float | None:
+    """Bus Gbit/s of a 25 MB all-reduce among the first rank of every host: the links between
+    hosts alone, without the ranks that share a host. Every rank creates the group."""
+    firsts = sorted({f["host"]: f["rank"] for f in reversed(facts)}.values())
+    group = torch.distributed.new_group(firsts)
+    if env.rank not in firsts:
+        return None
+    numel, n = 25 * 2**20 // 4, len(firsts)
+    return 8 * 4 * numel * 2 * (n - 1) / n / _all_reduce_s(env, numel, group, repeats) / 1e9
 
 
 def _compare_ranks(report: Report, facts: list[dict], key: str, what: str, unit: str, higher_is_better: bool,
@@ -228,6 +246,8 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         mine = {"rank": env.rank, "host": socket.gethostname(), "local_gbps": local_gbps,
                 "step_ms": _own_step_ms(env, cfg, net), **_device_speed(env)}
         speeds = all_gather_object(mine, env)
+        between = _between_hosts_gbit(env, facts, repeats) if len({f["host"] for f in facts}) > 1 else None
+        advice = linkcheck.measure(net, env.world_size, env.device, cfg) if env.distributed else None
         digests = all_gather_object(_one_step_digest(env, cfg, net), env)
     finally:
         teardown(env)
@@ -298,6 +318,11 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         (report.ok(line) if not slow else
          report.warn(line + f"; under half the best host's: {', '.join(sorted(slow))}",
                      "check that host's GPU interconnect (nvidia-smi topo -m) or its cores"))
+    if between is not None:
+        report.ok(f"between hosts (one rank each): all-reduce bus bandwidth {between:.2f} Gbit/s")
+    if advice is not None:
+        report.ok(f"at --image-size {cfg.image_size}, --global-batch-size {cfg.global_batch_size}: "
+                  f"{advice.describe().replace('comm hook auto: ', 'recommended --comm-hook ')}")
     if len(set(digests)) == 1:
         report.ok(f"identical parameters on all {env.world_size} rank(s) after one training step")
     else:
@@ -311,10 +336,11 @@ def main(argv: list[str]) -> int:
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="all-reduces timed for the bandwidth (default: 5)")
     add_config_flags(parser, ("backend", "timeout_s", "socket_ifname", "threads", "pin_cores", "bucket_cap_mb",
-                              "static_graph", "bucket_view", "comm_hook", "powersgd_rank", "fused_sgd", "seed"))
+                              "static_graph", "bucket_view", "comm_hook", "powersgd_rank", "fused_sgd", "seed",
+                              "image_size", "global_batch_size", "precision", "channels_last"))
     args = vars(parser.parse_args(argv))
     repeats = args.pop("repeats")
-    cfg = TrainConfig(image_size=32, **args).validate()
+    cfg = TrainConfig(**args).validate()
     report = run_checks(cfg, max(1, repeats))
     if report is None:
         return 0

@@ -1,5 +1,5 @@
 """Several "hosts" on one machine, for multi-node tests and benchmarks: each host is a network
-namespace with its own address, plugged into one switch (a bridge in a namespace of its own),
+namespace with its own address and host name, plugged into one switch (a bridge in a namespace of its own),
 and every link can be slowed to a rate (tc tbf) like a real 1 or 10 Gbit/s Ethernet. Needs root
 and iproute2; nothing here imports torch.
 
@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,7 +46,7 @@ def rate_bits(rate: str) -> float:
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     if check and proc.returncode != 0:
         raise NetlabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
@@ -106,6 +105,7 @@ class Network:
         self.names = [f"{self.tag}-h{i}" for i in range(hosts)]
         self.switch = f"{self.tag}-sw"
         self.addrs = [f"{SUBNET}.{i + 1}" for i in range(hosts)]
+        self.hostnames = [f"host{i}" for i in range(hosts)]  # each host's own (UTS namespace)
         self.name_resolves_to = name_resolves_to
         self.rate, self.delay_ms, self.loss_pct = rate, delay_ms, loss_pct
         self._procs: list[subprocess.Popen] = []
@@ -113,7 +113,7 @@ class Network:
         self._signals: dict = {}
 
     # --- life -----------------------------------------------------------------------------
-    def __enter__(self) -> Network:
+    def __enter__(self) -> Network:  # noqa: PYI034 - Self needs Python 3.11
         sweep_stale()
         self._catch_signals()
         atexit.register(self.close)
@@ -153,7 +153,6 @@ class Network:
         _run("ip", "netns", "add", self.switch)
         _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
-        hostname = socket.gethostname()
         for i, (name, addr) in enumerate(zip(self.names, self.addrs)):
             _run("ip", "netns", "add", name)
             _run("ip", "-n", name, "link", "set", "lo", "up")
@@ -163,10 +162,14 @@ class Network:
             _run("ip", "-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
             _run("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", "ds0")
             _run("ip", "-n", name, "link", "set", "ds0", "up")
+            # Every host knows the others by name, as a cluster's DNS would have it; its own name
+            # resolves to its address, or to 127.0.0.1 as in many container images.
             os.makedirs(f"/etc/netns/{name}", exist_ok=True)  # `ip netns exec` mounts it over /etc/hosts
-            own = "127.0.0.1" if self.name_resolves_to == "loopback" else addr
+            table = {self.hostnames[j]: a for j, a in enumerate(self.addrs)}
+            if self.name_resolves_to == "loopback":
+                table[self.hostnames[i]] = "127.0.0.1"
             with open(f"/etc/netns/{name}/hosts", "w") as fh:
-                fh.write(f"127.0.0.1 localhost\n{own} {hostname}\n")
+                fh.write("127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, a in table.items()))
         self.shape(self.rate, self.delay_ms, self.loss_pct)
 
     # --- links ------------------------------------------------------------------------------
@@ -204,11 +207,13 @@ class Network:
 
     # --- processes --------------------------------------------------------------------------
     def popen(self, host: int, argv: list[str], **kw) -> subprocess.Popen:
-        """Start `argv` on host `host` (its own session, so close() stops its whole tree)."""
+        """Start `argv` on host `host`, under its own host name (its own session, so close()
+        stops its whole tree)."""
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.STDOUT)
         kw.setdefault("text", True)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[host], *argv], start_new_session=True, **kw)
+        named = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.hostnames[host], *argv]
+        proc = subprocess.Popen(["ip", "netns", "exec", self.names[host], *named], start_new_session=True, **kw)
         self._procs.append(proc)
         return proc
 

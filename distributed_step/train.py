@@ -95,11 +95,6 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
         teardown(env)
 
 
-# What a resumed run may not change: the data, the order it is seen in (seed, global batch), and
-# the model's shape. Everything else (rates and schedule, length, cadences, precision) applies.
-FIXED_ON_RESUME = ("data", "synthetic_samples", "image_size", "seed", "global_batch_size", "small_input_stem")
-
-
 class Run:
     """One rank's run: the loaders, the model and its optimizer, the counters, and the loop."""
 
@@ -132,10 +127,13 @@ class Run:
         self.schedule = lr_factor(cfg.schedule, cfg.warmup_steps, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.step, self.resumed_from, self.saved_step, self.last_loss = 0, None, -1, None
+        self.resumed_hook = None  # the hook --comm-hook auto chose before a restart, kept after it
         self.lr_used, self.stopping = cfg.lr * self.schedule(0), False
         self._check_ranks_agree()
         self._resume()  # load before wrapping in DDP, into the plain module
-        self.model = ddp.wrap(self.net, env, cfg)
+        self.model = ddp.wrap(self.net, env, cfg, self.resumed_hook)
+        self.comm_hook = getattr(self.model, "comm_hook", cfg.comm_hook)  # what auto chose, if asked
+        self.link = getattr(self.model, "link_report", None)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -154,24 +152,14 @@ class Run:
                 "step": self.step, "epoch": epoch, "batches_in_epoch": done,  # epoch/batch: for readers
                 "global_batch_size": self.cfg.global_batch_size, "world_size": self.env.world_size,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "config": self.cfg.to_dict(), "last_loss": self.last_loss}
+                "config": {**self.cfg.to_dict(), "comm_hook_chosen": self.comm_hook}, "last_loss": self.last_loss}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state`; the data position follows from (step, global batch). The flags
         of this run apply from here on, except those that would change what is being trained
-        (FIXED_ON_RESUME), which are refused."""
+        (checkpoint.FIXED_ON_RESUME), which are refused."""
         cfg, saved = self.cfg, state["config"]
-        for name in FIXED_ON_RESUME:
-            if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
-                                  f"{saved[name]}: a resumed run keeps its data, data order and model shape "
-                                  "(use another --out, or --resume never, to start afresh)")
-        classes, ours = state["model"]["fc.weight"].shape[0], self.net.fc.out_features
-        if classes != ours:
-            raise ConfigError(f"--data {cfg.data} has {ours} classes, the checkpoint's model {classes}")
-        for name, value in cfg.to_dict().items():
-            if name not in ("out", "resume") and saved.get(name, value) != value:
-                log.info("resume: --%s %s (the checkpoint had %s)", name.replace("_", "-"), value, saved[name])
+        ckpt.check_resumable(state, cfg, self.net.fc.out_features)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -190,6 +178,8 @@ class Run:
         random.setstate(state["rng"]["python"])
         self.step = self.saved_step = state["step"]
         self.last_loss = state["last_loss"]
+        if state["world_size"] == self.env.world_size:  # the same links: keep the arithmetic (auto)
+            self.resumed_hook = saved.get("comm_hook_chosen")
 
     # --- setup helpers ----------------------------------------------------------------------
     def _check_ranks_agree(self) -> None:
@@ -248,9 +238,14 @@ class Run:
 
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
+        link = {"comm_hook_chosen": self.comm_hook, **({"link": self.link.as_record()} if self.link else {})}
         if env.is_main:
             save_yaml(cfg, os.path.join(cfg.out, "config.yaml"),
-                      {"world_size": env.world_size, "numerics": numerics.in_force()})
+                      {"world_size": env.world_size, "numerics": numerics.in_force(), **link})
+        if self.link:
+            log.info("%s", self.link.describe())
+            self.metrics.write({"step": self.step, "comm_hook": self.comm_hook,
+                                **{f"link_{k}": v for k, v in self.link.as_record().items() if k != "hook"}})
         log.info("training %d steps (%d per epoch), global batch %d on %d rank(s), %s/%s",
                  self.total_steps, self.steps_per_epoch, cfg.global_batch_size, env.world_size,
                  env.device.type, env.backend)

@@ -30,7 +30,7 @@ def shared_tmp(tmp_path_factory) -> Path:
 def network(hosts: int = 2, **kw):
     """Hosts as network namespaces on one switch (distributed_step/netlab.py), removed afterwards
     whatever happens; skipped where namespaces cannot be made (no root, no iproute2)."""
-    from distributed_step.netlab import Network, NetlabError, available
+    from distributed_step.netlab import NetlabError, Network, available
 
     why = available()
     if why:
@@ -47,3 +47,13 @@ def two_hosts():
     net = network(2)
     yield net
     net.close()
+
+
+def shape_or_skip(net, rate: str) -> None:
+    """Shape every link of `net` to `rate`; skip where this kernel has no tbf qdisc."""
+    from distributed_step.netlab import NetlabError
+
+    try:
+        net.shape(rate)
+    except NetlabError as exc:
+        pytest.skip(f"cannot shape links here: {exc}")

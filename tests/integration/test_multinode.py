@@ -4,9 +4,14 @@ two nodes of 2 ranks equal one node of 4 bit for bit (same ranks, same ring all-
 a link shaped to 1 Gbit/s as over an unshaped one."""
 from __future__ import annotations
 
-import torch
+import re
+import time
 
-from tests.helpers import TINY, child_env, load_weights, run_ok, summary, torchrun_cmd
+import torch
+import yaml
+
+from tests.conftest import network, shape_or_skip
+from tests.helpers import TINY, child_env, load_weights, metrics, run_ok, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
 TRAIN = ["-m", "distributed_step", "train"]
@@ -30,7 +35,7 @@ def test_two_nodes_match_one_node_over_fast_and_slow_links(two_hosts, tmp_path):
     weights = load_weights(tmp_path / "unshaped" / "model.pt")
     assert all(torch.equal(reference[k], weights[k]) for k in reference)
 
-    two_hosts.shape("1gbit")
+    shape_or_skip(two_hosts, "1gbit")
     sent_before = two_hosts.sent_bytes(1)
     two_node_run(two_hosts, tmp_path / "1gbit")  # the host name resolves to the host's address here
     weights = load_weights(tmp_path / "1gbit" / "model.pt")
@@ -39,3 +44,47 @@ def test_two_nodes_match_one_node_over_fast_and_slow_links(two_hosts, tmp_path):
     # them through it at every step (and the first broadcast sends the weights).
     gradient_bytes = sum(v.numel() * v.element_size() for v in weights.values() if v.is_floating_point())
     assert two_hosts.sent_bytes(1) - sent_before > 4 * gradient_bytes / 2
+
+
+def test_auto_takes_bf16_on_a_1gbit_link(two_hosts, tmp_path):
+    """At 32 px the step is short and a 1 Gbit/s wire is long: exact would wait, auto compresses,
+    and says why in metrics.jsonl and config.yaml."""
+    shape_or_skip(two_hosts, "1gbit")
+    two_node_run(two_hosts, tmp_path / "auto", "--comm-hook", "auto")
+    chosen = [r for r in metrics(tmp_path / "auto") if "comm_hook" in r]
+    assert len(chosen) == 1 and chosen[0]["comm_hook"] == "bf16", chosen
+    assert chosen[0]["link_exposed_share"] > 0.05 and chosen[0]["link_bus_gbit_s"] < 2.0
+    config = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert config["comm_hook"] == "auto" and config["comm_hook_chosen"] == "bf16"
+    assert config["link"]["exposed_ms"] == chosen[0]["link_exposed_ms"]
+
+    # doctor, one rank per host over the same link: the bandwidth between hosts, and the same advice
+    procs = two_hosts.torchrun(1, ["-m", "distributed_step", "doctor", "--repeats", "2"], run_id="doctor",
+                               env=child_env())
+    report = two_hosts.wait(procs, timeout=240)
+    assert all(p.returncode == 0 for p in procs), report
+    between = re.search(r"OK\s+between hosts \(one rank each\): all-reduce bus bandwidth ([\d.]+) Gbit/s",
+                        "".join(report))
+    assert between and 0.3 < float(between.group(1)) < 1.05, report
+    assert "recommended --comm-hook bf16" in "".join(report), report
+
+
+def test_a_loopback_master_across_hosts_is_named_in_seconds(tmp_path):
+    """Each host's name resolves to 127.0.0.1 and torchrun gets no --local-addr: it hands the
+    ranks MASTER_ADDR=localhost, which only the first host's ranks can reach. Every rank says
+    so, naming --local-addr, within the grace (--timeout-s / 4; half of it on the host that finds
+    nothing there), not after --timeout-s."""
+    net = network(2, name_resolves_to="loopback")
+    try:
+        began = time.monotonic()
+        procs = net.torchrun(1, TRAIN + FLAGS + ["--out", str(tmp_path / "run"), "--timeout-s", "40"],
+                             run_id="loopback", local_addr=False, env=child_env())
+        outputs = net.wait(procs, timeout=120)
+        took = time.monotonic() - began
+    finally:
+        net.close()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode != 0 and "--local-addr" in output and "is a loopback address" in output, output[-3000:]
+    assert "nothing answered at localhost" in outputs[1] and "within 5 s" in outputs[1]
+    assert "rank 1 did not reach the store within 10 s" in outputs[0]
+    assert took < 40, took  # the grace and the imports, never the 40 s of --timeout-s

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision.models import resnet18
 
@@ -40,7 +41,7 @@ def test_many_options_together_on_an_image_folder(tmp_path):
                             "--clip-grad", "1.0", "--label-smoothing", "0.1", "--nesterov", "--schedule", "step",
                             "--warmup-steps", "0", "--lr", "0.01", "--weights", str(weights), "--eval-every", "2",
                             "--log-every", "1", "--workers", "1", "--checkpoint-every", "0", "--decode", "device",
-                            "--out", str(out)]))
+                            "--comm-hook", "auto", "--out", str(out)]))
     result = summary(out)
     final = load_weights(out / "model.pt")
     assert final["fc.weight"].shape == (3, 512)              # the 1000-class head was replaced
@@ -50,6 +51,18 @@ def test_many_options_together_on_an_image_folder(tmp_path):
     assert [m["step"] for m in logged if "eval_accuracy" in m] == [2, 4, 6]  # 6: the final evaluation
     lrs = [m["lr"] for m in logged if "lr" in m]
     assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.0001)  # /10 at 1/3 and 2/3
+    # --comm-hook auto measured once (a bf16, channels_last, accumulated step) and chose by its rule
+    chosen = [m for m in logged if "comm_hook" in m]
+    assert len(chosen) == 1 and chosen[0]["step"] == 0
+    assert (chosen[0]["link_exposed_share"] > 0.05) == (chosen[0]["comm_hook"] == "bf16"), chosen
+    assert yaml.safe_load((out / "config.yaml").read_text())["comm_hook_chosen"] == chosen[0]["comm_hook"]
+    # resumed on as many ranks, the run keeps its arithmetic: no second measurement, the same hook
+    resumed = run_ok(torchrun_cmd(2, ["--data", f"imagefolder:{data}", "--image-size", "32", "--global-batch-size",
+                                      "8", "--steps", "7", "--grad-accum", "2", "--warmup-steps", "0", "--workers", "1",
+                                      "--comm-hook", "auto", "--out", str(out)]))
+    assert "resumed from" in resumed.output and "comm hook auto" not in resumed.output
+    assert [m for m in metrics(out) if "comm_hook" in m] == chosen
+    assert yaml.safe_load((out / "config.yaml").read_text())["comm_hook_chosen"] == chosen[0]["comm_hook"]
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):

@@ -97,6 +97,7 @@ def test_doctor_reports_every_check_and_flags_oversubscription():
     assert any(line.startswith("OK") and "all-reduce of 44.7 MB" in line for line in lines), lines
     assert any(line.startswith("OK") and "/dev/shm" in line for line in lines), lines
     assert any(line.startswith("OK") and "identical parameters on all 2 rank(s)" in line for line in lines), lines
+    assert any(line.startswith("OK") and "recommended --comm-hook" in line for line in lines), lines
     # per rank against the others (a WARN only if a rank is 1.15x off: these two share 2 cores)
     for what in ("own training step", "matmul per rank", "memory copy per rank", "all-reduce within each host"):
         assert any(line.startswith(("OK", "WARN")) and what in line for line in lines), (what, lines)

@@ -54,7 +54,8 @@ def test_state_dict_holds_exactly_the_required_keys_and_round_trips(tmp_path, mo
     # Everything written is read back: a field that state_dict() writes but load_state_dict()
     # ignores (or the reverse) shows up here as a difference. "config" records the run that
     # saved (its --out differs here); the run that resumes keeps its own flags.
-    assert state["config"] == trained.cfg.to_dict()
+    # It also records the comm hook in use ("auto" resolved), which a resume on as many ranks keeps.
+    assert state["config"] == {**trained.cfg.to_dict(), "comm_hook_chosen": trained.cfg.comm_hook}
     assert_same({k: v for k, v in fresh.state_dict().items() if k != "config"},
                 {k: v for k, v in state.items() if k != "config"})
 
