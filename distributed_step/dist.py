@@ -109,22 +109,11 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"MASTER_PORT={port} is not a port number")
     loopback = _loopback_address(addr) if world.local_world_size == world_size else None
-    spans_hosts = "LOCAL_WORLD_SIZE" in os.environ and world.local_world_size < world_size
-    if spans_hosts and _loopback_address(addr):
-        # Several nodes, yet a master address that is every node's own loopback (a host name that
-        # resolves to 127.0.x.x): only the ranks on the master's host can reach it. Waiting out
-        # --timeout-s would say so after minutes; a short grace says it in seconds.
-        return _join(world, backend, _loopback_master(addr, int(port), rank, world_size, timeout_s), timeout_s)
     if loopback and sys.platform.startswith("linux") and not socket_ifname:
         # Every rank is on this host: gloo's pairs too stay on loopback (it would otherwise bind
         # the address the host name resolves to, which may face the network).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return _join(world, backend, _store(addr, int(port), rank, world_size, loopback, timeout_s), timeout_s)
-
-
-def _join(world: World, backend: str, store: dist.Store, timeout_s: float) -> DistEnv:
-    addr, port, device = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), world.device
-    rank, world_size = world.rank, world.world_size
+    store = _store(addr, int(port), rank, world_size, loopback, timeout_s)
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s),
@@ -187,36 +176,6 @@ def _store(addr: str, port: int, rank: int, world_size: int, loopback: str | Non
     if agent_store:
         return dist.PrefixStore(f"distributed_step/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", made[0])
     return made[0]
-
-
-def _loopback_master(addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The store, once every rank has reached it within a short grace; else the reason, on
-    every rank: those elsewhere find nothing at the address, those on the master's host find
-    that the others never came. Nodes that really share one machine (an emulation) pass."""
-    # A quarter of --timeout-s (75 s at the default): nodes on one machine restarted by a loaded
-    # kubelet emulation came more than 30 s apart, and a real group must not fail for being slow.
-    grace = timeout_s / 4
-    why = (f"MASTER_ADDR={addr} is a loopback address here ({_loopback_address(addr)}), but the group spans "
-           f"more than one node (LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']} of WORLD_SIZE={world_size}), so "
-           "ranks on other hosts cannot reach it: torchrun hands out the rendezvous host's name, and it resolves "
-           "to a loopback address; start torchrun on every node with --local-addr=<that node's address> "
-           "(or map the host name to its network address in /etc/hosts)")
-    try:
-        # Half the grace: a rank elsewhere must speak before the master's host gives up, whose
-        # launcher would otherwise close the rendezvous and have this one killed unheard.
-        store = _store(addr, port, rank, world_size, None, grace / 2)
-    except RendezvousError:
-        raise RendezvousError(f"nothing answered at {addr}:{port} within {grace / 2:g} s; {why}") from None
-    keys = [f"distributed_step/present/{r}" for r in range(world_size)]
-    store.set(keys[rank], "1")
-    try:
-        store.wait(keys, timedelta(seconds=grace))
-    except Exception:  # noqa: BLE001 - torch raises DistStoreError (or RuntimeError) on the timeout
-        missing = [r for r, key in enumerate(keys) if not store.check([key])]
-        who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
-        raise RendezvousError(f"{who} did not reach the store within {grace:g} s; {why}") from None
-    store.set_timeout(timedelta(seconds=timeout_s))  # the grace was for assembling, not for the run
-    return store
 
 
 def _loopback_address(addr: str) -> str | None:
