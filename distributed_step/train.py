@@ -178,8 +178,8 @@ class Run:
         random.setstate(state["rng"]["python"])
         self.step = self.saved_step = state["step"]
         self.last_loss = state["last_loss"]
-        if state["world_size"] == self.env.world_size:  # the same links: keep the arithmetic (auto)
-            self.resumed_hook = saved.get("comm_hook_chosen")
+        if cfg.comm_hook == "auto" and state["world_size"] == self.env.world_size:  # same links, same math
+            self.resumed_hook = saved.get("comm_hook_chosen")  # (an explicit --comm-hook always wins)
 
     # --- setup helpers ----------------------------------------------------------------------
     def _check_ranks_agree(self) -> None:

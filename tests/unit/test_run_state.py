@@ -73,6 +73,15 @@ def test_resume_applies_changed_rates_and_refuses_changed_data(tmp_path, monkeyp
     assert group["lr"] == 0.5 * faster.schedule(3) and group["momentum"] == 0.8  # not the checkpoint's
     faster.scheduler.step()
     assert group["lr"] == 0.5 * faster.schedule(4)  # and the schedule goes on from the new rate
+    # The hook --comm-hook auto chose is kept on resume, but only when auto is asked for again:
+    # an explicit --comm-hook wins over the checkpoint's choice.
+    chosen = {**state, "config": {**state["config"], "comm_hook_chosen": "bf16"}}
+    assert faster.resumed_hook is None
+    faster.load_state_dict(chosen)
+    assert faster.resumed_hook is None
+    auto = make_run(tmp_path / "e", comm_hook="auto")
+    auto.load_state_dict(chosen)
+    assert auto.resumed_hook == "bf16"
 
     for overrides, message in (({"image_size": 16}, "--image-size 16 differs from the checkpoint's 8"),
                                ({"seed": 1}, "--seed 1 differs from the checkpoint's 0"),
