@@ -15,6 +15,8 @@ import time
 COMMANDS = ("train", "bench", "plot", "doctor")
 # Errors a rank only has because another rank failed (see main()).
 CONSEQUENCES, CONSEQUENCE_DELAY_S = ("a collective failed", "stopped by the launcher"), 3.0
+# How long a rank that finds a loopback master across hosts waits before it exits (see main()).
+LOOPBACK_LINGER_S = 5.0
 USAGE = "usage: distributed-step {train,bench,plot,doctor} [flags]   (distributed-step COMMAND --help)"
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; {USAGE}", 2)
+    if command != "plot" and (problem := _unreachable_master()):
+        return problem
     if command != "train":
         return _tool(command, rest)
 
@@ -66,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         # in a collective. Exiting lets gloo tell the other ranks within seconds.
         os._exit(code)
     return 0
+
+
+def _unreachable_master() -> int | None:
+    """Exit code 2 when MASTER_ADDR is a loopback address and the group spans hosts (peers.py),
+    told before torch is imported, so that every host's ranks can say it before the rendezvous
+    host's launcher, seeing its own ranks fail, closes the rendezvous and has the others killed.
+    Lingering keeps this host's launcher (and its rendezvous) up while the others speak."""
+    from .peers import loopback_master_problem
+
+    problem = loopback_master_problem()
+    if problem is None:
+        return None
+    _fail(problem, 2)
+    time.sleep(LOOPBACK_LINGER_S)
+    return 2
 
 
 def _explain(exc: BaseException, config) -> tuple[str, int]:

@@ -8,7 +8,6 @@ destroys a group that `setup()` created.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import socket
 import sys
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .peers import loopback_address, loopback_master_problem
 
 
 class RendezvousError(RuntimeError):
@@ -108,7 +108,10 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
                           "start the ranks with torchrun (or set both)")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"MASTER_PORT={port} is not a port number")
-    loopback = _loopback_address(addr) if world.local_world_size == world_size else None
+    problem = loopback_master_problem()  # the launcher entry point asked already; library callers not
+    if problem:
+        raise ConfigError(problem)
+    loopback = loopback_address(addr) if world.local_world_size == world_size else None
     if loopback and sys.platform.startswith("linux") and not socket_ifname:
         # Every rank is on this host: gloo's pairs too stay on loopback (it would otherwise bind
         # the address the host name resolves to, which may face the network).
@@ -176,16 +179,6 @@ def _store(addr: str, port: int, rank: int, world_size: int, loopback: str | Non
     if agent_store:
         return dist.PrefixStore(f"distributed_step/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", made[0])
     return made[0]
-
-
-def _loopback_address(addr: str) -> str | None:
-    """The loopback address `addr` resolves to (127.0.0.1, or Debian's 127.0.1.1 for the host
-    name), or None when it is not a loopback address."""
-    try:
-        resolved = socket.gethostbyname(addr)
-        return resolved if ipaddress.ip_address(resolved).is_loopback else None
-    except (OSError, ValueError):
-        return None
 
 
 def _wait_for_port(addr: str, port: int, timeout_s: float) -> None:

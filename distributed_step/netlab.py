@@ -218,18 +218,20 @@ class Network:
         return proc
 
     def torchrun(self, nproc: int, args: list[str], run_id: str = "netlab", local_addr: bool = True,
-                 torchrun_flags: tuple[str, ...] = (), **kw) -> list[subprocess.Popen]:
-        """torchrun on every host, rendezvous (c10d) on host 0. `args` follow torchrun's flags
-        (["-m", "distributed_step", "train", ...]). local_addr=False leaves --local-addr out,
-        as a user who does not know about it would."""
+                 torchrun_flags: tuple[str, ...] = (), on: list[int] | None = None, **kw) -> list[subprocess.Popen]:
+        """torchrun on every host (or one agent per entry of `on`, a list of host indices), the
+        rendezvous (c10d) hosted by the first agent. `args` follow torchrun's flags (["-m",
+        "distributed_step", "train", ...]). local_addr=False leaves --local-addr out, as a user
+        who does not know about it would."""
+        on = list(range(len(self.addrs))) if on is None else on
         procs = []
-        for i, addr in enumerate(self.addrs):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(self.addrs)}",
+        for i, host in enumerate(on):
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(on)}",
                    f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint={self.addrs[0]}:{RENDEZVOUS_PORT}", f"--rdzv-id={run_id}",
-                   *([f"--local-addr={addr}"] if local_addr else []),
+                   f"--rdzv-endpoint={self.addrs[on[0]]}:{RENDEZVOUS_PORT}", f"--rdzv-id={run_id}",
+                   *([f"--local-addr={self.addrs[host]}"] if local_addr else []),
                    *(["--rdzv-conf=is_host=true"] if i == 0 else []), *torchrun_flags, *args]
-            procs.append(self.popen(i, cmd, **kw))
+            procs.append(self.popen(host, cmd, **kw))
         return procs
 
     def wait(self, procs: list[subprocess.Popen], timeout: float) -> list[str]:

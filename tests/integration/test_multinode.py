@@ -5,11 +5,12 @@ a link shaped to 1 Gbit/s as over an unshaped one."""
 from __future__ import annotations
 
 import re
+import time
 
 import torch
 import yaml
 
-from tests.conftest import shape_or_skip
+from tests.conftest import network, shape_or_skip
 from tests.helpers import TINY, child_env, load_weights, metrics, run_ok, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
@@ -66,3 +67,32 @@ def test_auto_takes_bf16_on_a_1gbit_link(two_hosts, tmp_path):
                         "".join(report))
     assert between and 0.3 < float(between.group(1)) < 1.05, report
     assert "recommended --comm-hook bf16" in "".join(report), report
+
+
+def test_a_loopback_master_across_hosts_is_named_at_once_and_one_host_is_not(tmp_path):
+    """Each host's name resolves to 127.0.0.1 and torchrun gets no --local-addr, so it hands the
+    ranks MASTER_ADDR=localhost, which only the first host's ranks could reach. Every rank says
+    so, naming --local-addr, in seconds (not after --timeout-s), because its torchrun agent is
+    connected to the other host. Two agents on one host, with the same loopback name and the
+    rendezvous on the host's own network address, are not refused: they train."""
+    net = network(2, name_resolves_to="loopback")
+    try:
+        began = time.monotonic()
+        args = TRAIN + FLAGS + ["--timeout-s", "120"]
+        procs = net.torchrun(1, args + ["--out", str(tmp_path / "hosts")], run_id="hosts", local_addr=False,
+                             env=child_env())
+        outputs = net.wait(procs, timeout=150)
+        took = time.monotonic() - began
+        same = net.torchrun(1, args + ["--out", str(tmp_path / "one")], run_id="one", local_addr=False,
+                            on=[0, 0], env=child_env())
+        same_outputs = net.wait(same, timeout=240)
+    finally:
+        net.close()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode != 0, output[-3000:]
+        assert "MASTER_ADDR=localhost is a loopback address here" in output, output[-3000:]
+        assert "connected to 10.213.77." in output and "--local-addr=<that node's address>" in output
+    assert took < 60, took  # two hosts' imports, never the 120 s of --timeout-s
+    for proc, output in zip(same, same_outputs):
+        assert proc.returncode == 0, output[-3000:]
+    assert summary(tmp_path / "one")["world_size"] == 2
