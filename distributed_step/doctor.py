@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ddp, linkcheck, placement
 from .config import OneLineErrorParser, TrainConfig, add_config_flags
-from .dist import all_gather_object, barrier, detect, setup, state_digest, teardown
+from .dist import all_gather_object, detect, setup, state_digest, teardown
 from .model import build_model
 from .step import PhaseClock, sgd, train_step
 from .stragglers import THRESHOLD, lower_median
@@ -38,8 +38,16 @@ SHM_MIN_BYTES = 1 << 30  # DataLoader workers pass batches through /dev/shm; pod
 SAME_HOST_MIN_GBPS = 0.5
 
 
+def _is_virtual(ifname: str) -> bool:
+    """A veth, bridge, tunnel or loopback: no device behind it in sysfs. Its nominal speed (10
+    Gbit/s for a veth, as in every Kubernetes pod) says nothing about the wire it leads to."""
+    return bool(ifname) and not os.path.exists(f"/sys/class/net/{ifname}/device")
+
+
 def _link_gbps(ifname: str) -> float | None:
-    """Nominal speed of a network interface in GB/s (sysfs reports Mbit/s), if the kernel knows."""
+    """Rated speed of a network interface in GB/s (sysfs reports Mbit/s), if the kernel knows."""
+    if _is_virtual(ifname):
+        return None
     try:
         with open(f"/sys/class/net/{ifname}/speed") as fh:
             mbit = int(fh.read().strip())
@@ -107,21 +115,15 @@ def _shm_bytes() -> int:
 
 
 def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
-    """(seconds per all-reduce, bus GB/s) for a float32 tensor of `numel` elements."""
-    tensor = torch.ones(numel, device=env.device)
-    torch.distributed.all_reduce(tensor)  # warm the connections up
-    if env.device.type == "cuda":
-        torch.cuda.synchronize()
-    barrier(env)
-    began = time.perf_counter()
-    for _ in range(repeats):
-        torch.distributed.all_reduce(tensor)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - began) / repeats
-    n = env.world_size
-    # Ring all-reduce moves 2(n-1)/n of the buffer through each link: the "bus bandwidth".
-    return seconds, 4 * numel * 2 * (n - 1) / n / seconds / 1e9
+    """(seconds per all-reduce, bus GB/s) for a float32 tensor of `numel` elements, all ranks."""
+    seconds = _all_reduce_s(env, numel, None, repeats)
+    return seconds, _bus_gbps(numel, env.world_size, seconds)
+
+
+def _bus_gbps(numel: int, n: int, seconds: float) -> float:
+    """Ring all-reduce moves 2(n-1)/n of the float32 buffer through each link: the "bus
+    bandwidth", in GB/s, comparable across group sizes and with a link's rated speed."""
+    return 4 * numel * 2 * (n - 1) / n / seconds / 1e9
 
 
 def _device_speed(env) -> dict:
@@ -178,13 +180,17 @@ def _per_host_bandwidth(env, facts: list[dict], numel: int, repeats: int) -> flo
     if mine is None:
         return None
     group, n = mine
-    return 4 * numel * 2 * (n - 1) / n / _all_reduce_s(env, numel, group, repeats) / 1e9
+    return _bus_gbps(numel, n, _all_reduce_s(env, numel, group, repeats))
 
 
 def _all_reduce_s(env, numel: int, group, repeats: int) -> float:
-    """Seconds per all-reduce of `numel` floats within `group`, after one to warm up."""
+    """Seconds per all-reduce of `numel` floats within `group` (None: every rank), after one to
+    warm the connections up and a barrier, so that no rank's clock starts while others lag."""
     tensor = torch.ones(numel, device=env.device)
     torch.distributed.all_reduce(tensor, group=group)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    torch.distributed.barrier(group=group)
     began = time.perf_counter()
     for _ in range(repeats):
         torch.distributed.all_reduce(tensor, group=group)
@@ -200,8 +206,8 @@ def _between_hosts_gbit(env, facts: list[dict], repeats: int) -> float | None:
     group = torch.distributed.new_group(firsts)
     if env.rank not in firsts:
         return None
-    numel, n = 25 * 2**20 // 4, len(firsts)
-    return 8 * 4 * numel * 2 * (n - 1) / n / _all_reduce_s(env, numel, group, repeats) / 1e9
+    numel = 25 * 2**20 // 4
+    return 8 * _bus_gbps(numel, len(firsts), _all_reduce_s(env, numel, group, repeats))
 
 
 def _compare_ranks(report: Report, facts: list[dict], key: str, what: str, unit: str, higher_is_better: bool,
@@ -273,8 +279,12 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         seconds, bus_gbps = timing
         line = (f"all-reduce of {4 * numel / 1e6:.1f} MB (the model's gradients): {seconds * 1e3:.1f} ms, "
                 f"bus bandwidth {bus_gbps:.2f} GB/s")
-        link = _link_gbps(_route_ifname(os.environ.get("MASTER_ADDR", "127.0.0.1"))) if len(hosts) > 1 else None
-        if link is not None:
+        ifname = _route_ifname(os.environ.get("MASTER_ADDR", "127.0.0.1")) if len(hosts) > 1 else ""
+        link = _link_gbps(ifname) if ifname else None
+        if _is_virtual(ifname):
+            report.ok(line + f" ({ifname} is a virtual interface: no rated speed to hold it to; "
+                             "the between-hosts line measures the wire)")
+        elif link is not None:
             line += f" (link {link:.2f} GB/s)"
             (report.ok(line) if bus_gbps >= 0.5 * link else
              report.warn(line, "under half the link speed: set --socket-ifname to the fast interface, "

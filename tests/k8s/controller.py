@@ -23,7 +23,12 @@ from tests.k8s.kuberay import submission_id
 from tests.k8s.network import LOOPBACK
 from tests.k8s.operators import Pod
 
-RESTART_DELAY_S = 0.5  # the kubelet's crash-loop backoff starts at 10 s; nothing to gain by waiting here
+# The kubelet's crash-loop backoff, and the Job controller's for a replaced pod, both start at
+# 10 s. Faster is not faithful: under torchrun's static rendezvous (a TrainJob) a node restarted
+# while the surviving master's torchrun is still exiting passes the rendezvous against that
+# dying agent's store, and its ranks then wait out --timeout-s for a master that started anew
+# (seen in CI at 0.5 s: the killed node restarted twice instead of once).
+RESTART_DELAY_S = 10.0
 RAY_READY = "Ray runtime started"  # printed by `ray start` once its raylet has joined the cluster
 
 
