@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; {USAGE}", 2)
-    if command != "plot" and (problem := _unreachable_master()):
-        return problem
+    if command != "plot" and (code := _unreachable_master()):
+        return code
     if command != "train":
         return _tool(command, rest)
 

@@ -46,8 +46,6 @@ def _is_virtual(ifname: str) -> bool:
 
 def _link_gbps(ifname: str) -> float | None:
     """Rated speed of a network interface in GB/s (sysfs reports Mbit/s), if the kernel knows."""
-    if _is_virtual(ifname):
-        return None
     try:
         with open(f"/sys/class/net/{ifname}/speed") as fh:
             mbit = int(fh.read().strip())
@@ -280,7 +278,7 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
         line = (f"all-reduce of {4 * numel / 1e6:.1f} MB (the model's gradients): {seconds * 1e3:.1f} ms, "
                 f"bus bandwidth {bus_gbps:.2f} GB/s")
         ifname = _route_ifname(os.environ.get("MASTER_ADDR", "127.0.0.1")) if len(hosts) > 1 else ""
-        link = _link_gbps(ifname) if ifname else None
+        link = _link_gbps(ifname)
         if _is_virtual(ifname):
             report.ok(line + f" ({ifname} is a virtual interface: no rated speed to hold it to; "
                              "the between-hosts line measures the wire)")
