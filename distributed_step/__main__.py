@@ -23,7 +23,10 @@ USAGE = "usage: distributed-step {train,bench,plot,doctor} [flags]   (distribute
 def _fail(message: str, code: int) -> int:
     rank = os.environ.get("RANK")
     where = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    print(f"{where}distributed-step: error: {message}", file=sys.stderr, flush=True)
+    # One write, newline included: under PYTHONUNBUFFERED=1 (as the operators set it) print()
+    # writes the text and the newline separately, and two ranks' errors then merge on one line.
+    sys.stderr.write(f"{where}distributed-step: error: {message}\n")
+    sys.stderr.flush()
     return code
 
 

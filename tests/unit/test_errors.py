@@ -1,7 +1,7 @@
 """How `train`'s failures become one line and an exit code (distributed_step.__main__._explain)."""
 from __future__ import annotations
 
-from distributed_step.__main__ import _explain
+from distributed_step.__main__ import _explain, _fail
 from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.images import UnreadableImage
 
@@ -36,3 +36,22 @@ def test_an_error_after_the_launchers_sigterm_is_its_consequence_not_a_traceback
     line, code = _explain(EOFError("unexpected EOF"), CFG)  # its loader's forkserver got the signal too
     assert code == 1 and line == "stopped by the launcher (SIGTERM), after which: EOFError: unexpected EOF"
     assert line.startswith(entry.CONSEQUENCES) and "Traceback" not in capsys.readouterr().err
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Every rank of a job shares one stderr, unbuffered in pods (PYTHONUNBUFFERED=1): the line
+    and its newline must go out in one write, or two ranks' lines interleave into one."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _fail("--out /x: no space left", 1) == 1
+    assert writes == ["[rank 1] distributed-step: error: --out /x: no space left\n"]
