@@ -58,9 +58,10 @@ def test_auto_takes_bf16_on_a_1gbit_link(two_hosts, tmp_path):
     assert config["comm_hook"] == "auto" and config["comm_hook_chosen"] == "bf16"
     assert config["link"]["exposed_ms"] == chosen[0]["link_exposed_ms"]
 
-    # doctor, one rank per host over the same link: the bandwidth between hosts, and the same advice
-    procs = two_hosts.torchrun(1, ["-m", "distributed_step", "doctor", "--repeats", "2"], run_id="doctor",
-                               env=child_env())
+    # doctor, one rank per host over the same link and for the same step (its default batch of 128
+    # makes a step long enough to hide the wire on a fast day): the bandwidth, and the same advice
+    procs = two_hosts.torchrun(1, ["-m", "distributed_step", "doctor", "--repeats", "2", "--image-size", "32",
+                                   "--global-batch-size", "16"], run_id="doctor", env=child_env())
     report = two_hosts.wait(procs, timeout=240)
     assert all(p.returncode == 0 for p in procs), report
     between = re.search(r"OK\s+between hosts \(one rank each\): all-reduce bus bandwidth ([\d.]+) Gbit/s",
