@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from distributed_step.dist import detect, setup, teardown
-from distributed_step.evidence import HangWatch
-from distributed_step.scalars import Scalars
-from distributed_step.stragglers import StragglerWatch
+from distributed_step.observe.evidence import HangWatch
+from distributed_step.observe.stragglers import StragglerWatch
+from distributed_step.observe.tensorboard import Scalars
+from distributed_step.parallel.process_group import detect, setup, teardown
 
 
 def per_call_ms(fn, calls: int) -> float:

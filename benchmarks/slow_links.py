@@ -1,4 +1,4 @@
-"""The step over real-world links: hosts as network namespaces (distributed_step/netlab.py), one
+"""The step over real-world links: hosts as network namespaces (testing/netlab.py), one
 rank per host, every link shaped by tc to a rate; `bench` sweeps the comm hooks on each link.
 
     .venv/bin/python benchmarks/slow_links.py                        # 2 hosts; 1gbit, 10gbit, unshaped
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distributed_step.netlab import Network, rate_bits
+from testing.netlab import Network, rate_bits
 
 SPEED_PROBE = """
 import socket, sys, time

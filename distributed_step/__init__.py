@@ -3,13 +3,13 @@
     from distributed_step import TrainConfig, train
     summary = train(TrainConfig(data="synthetic", steps=10))
 """
-from .config import ConfigError, TrainConfig
+from distributed_step.config import ConfigError, TrainConfig
 
 __all__ = ["ConfigError", "TrainConfig", "train"]
 
 
 def train(config: TrainConfig, **kwargs):
     """Run `distributed_step.train.train` (imported lazily: torch takes seconds to import)."""
-    from .train import train as _train
+    from distributed_step.train import train as _train
 
     return _train(config, **kwargs)

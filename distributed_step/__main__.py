@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=4 -m distributed_step train [flags]          # 4 ranks, one node
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
              --rdzv-endpoint=HOST:29400 --rdzv-id=JOB -m distributed_step train [flags]
+    python -m distributed_step ray --num-workers 4 [flags]                # Ray Train (the [ray] extra)
+    python -m distributed_step bench | doctor | plot ...                  # the tools (tools/)
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import re
 import sys
 import time
 
-COMMANDS = ("train", "bench", "plot", "doctor")
+# Every command but train is a module with main(argv) -> exit code.
+TOOLS = {"bench": "tools.bench", "plot": "tools.plot", "doctor": "tools.doctor", "ray": "launch.ray_train"}
+COMMANDS = ("train", *TOOLS)
 # Errors a rank only has because another rank failed (see main()).
 CONSEQUENCES, CONSEQUENCE_DELAY_S = ("a collective failed", "stopped by the launcher"), 3.0
 # How long a rank that finds a loopback master across hosts waits before it exits (see main()).
 LOOPBACK_LINGER_S = 5.0
-USAGE = "usage: distributed-step {train,bench,plot,doctor} [flags]   (distributed-step COMMAND --help)"
+USAGE = "usage: distributed-step {train,bench,plot,doctor,ray} [flags]   (distributed-step COMMAND --help)"
 
 
 def _fail(message: str, code: int) -> int:
@@ -38,19 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; {USAGE}", 2)
-    if command != "plot" and (code := _unreachable_master()):
+    if command in ("train", "bench", "doctor") and (code := _unreachable_master()):
         return code
     if command != "train":
         return _tool(command, rest)
 
-    from .config import ConfigError, parse_args
+    from distributed_step.config import ConfigError, parse_args
 
     try:
         config = parse_args(rest)  # flag errors exit 2 here, before torch is even imported
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from .evidence import record_failure
-    from .train import train
+    from distributed_step.observe.evidence import record_failure
+    from distributed_step.train import train
 
     try:
         train(config)
@@ -80,7 +84,7 @@ def _unreachable_master() -> int | None:
     told before torch is imported, so that every host's ranks can say it before the rendezvous
     host's launcher, seeing its own ranks fail, closes the rendezvous and has the others killed.
     Lingering keeps this host's launcher (and its rendezvous) up while the others speak."""
-    from .peers import loopback_master_problem
+    from distributed_step.parallel.peers import loopback_master_problem
 
     problem = loopback_master_problem()
     if problem is None:
@@ -92,10 +96,10 @@ def _unreachable_master() -> int | None:
 
 def _explain(exc: BaseException, config) -> tuple[str, int]:
     """(one line, exit code) for a failure of `train`: 2 for bad input, 1 for the rest."""
-    from .config import ConfigError
-    from .dist import RendezvousError
-    from .preemption import sigterm_received
-    from .train import TrainingError
+    from distributed_step.config import ConfigError
+    from distributed_step.parallel.preemption import sigterm_received
+    from distributed_step.parallel.process_group import RendezvousError
+    from distributed_step.train import TrainingError
 
     if isinstance(exc, ConfigError):  # bad input: the message names the flag, path or variable
         return str(exc), 2
@@ -128,10 +132,10 @@ def _explain(exc: BaseException, config) -> tuple[str, int]:
 def _tool(command: str, argv: list[str]) -> int:
     from importlib import import_module
 
-    from .config import ConfigError
+    from distributed_step.config import ConfigError
 
     try:
-        return import_module(f".{command}", __package__).main(argv)
+        return import_module(f"{__package__}.{TOOLS[command]}").main(argv)
     except ConfigError as exc:
         return _fail(str(exc), 2)
 

@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from .config import ConfigError
+from distributed_step.config import ConfigError
 
 log = logging.getLogger("distributed_step")
 

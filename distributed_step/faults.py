@@ -13,7 +13,7 @@ import os
 import signal
 import time
 
-from .config import TrainConfig
+from distributed_step.config import TrainConfig
 
 log = logging.getLogger("distributed_step")
 

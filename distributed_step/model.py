@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from .config import ConfigError
+from distributed_step.config import ConfigError
 
 
 def build_model(num_classes: int, *, weights: str = "none", small_input_stem: bool = False,

@@ -22,7 +22,7 @@ import socket
 import stat
 import time
 
-from .config import ConfigError
+from distributed_step.config import ConfigError
 
 log = logging.getLogger("distributed_step")
 LOCK_NAME = ".lock"

@@ -19,13 +19,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from . import ddp, evidence, faults, numerics, placement, rundir
-from .agreement import StepFlags
-from .config import ConfigError, TrainConfig, save_yaml
-from .data import build_datasets, check_batch_fits
-from .device_input import DeviceFeed
-from .dist import (
+from distributed_step import checkpoint as ckpt
+from distributed_step import faults, rundir
+from distributed_step.config import ConfigError, TrainConfig, save_yaml
+from distributed_step.data.datasets import build_datasets, check_batch_fits
+from distributed_step.data.device_input import DeviceFeed
+from distributed_step.data.loaders import held_out_loader, loader_workers, train_loader
+from distributed_step.model import build_model
+from distributed_step.observe import evidence
+from distributed_step.observe.clock import PhaseClock
+from distributed_step.observe.metrics import JsonlLog, LossMeter, Throughput, evaluate, log, progress_bar, setup_logging
+from distributed_step.observe.profiling import StepProfiler
+from distributed_step.observe.stragglers import StragglerWatch
+from distributed_step.optim import lr_factor, sgd
+from distributed_step.parallel import ddp, numerics, placement
+from distributed_step.parallel.numerics import amp
+from distributed_step.parallel.preemption import StopRequest
+from distributed_step.parallel.process_group import (
     DistEnv,
     all_gather_object,
     barrier,
@@ -36,14 +46,9 @@ from .dist import (
     state_digest,
     teardown,
 )
-from .loaders import held_out_loader, loader_workers, train_loader
-from .metrics import JsonlLog, LossMeter, Throughput, evaluate, log, progress_bar, setup_logging
-from .model import build_model
-from .preemption import StopRequest
-from .profiling import StepProfiler
-from .step import PhaseClock, amp, lr_factor, sgd, train_step
-from .stragglers import StragglerWatch
-from .syncbn import convert_sync_batchnorm
+from distributed_step.parallel.step_flags import StepFlags
+from distributed_step.parallel.syncbn import convert_sync_batchnorm
+from distributed_step.step import train_step
 
 
 class TrainingError(RuntimeError):

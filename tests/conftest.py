@@ -1,44 +1,60 @@
-"""Fixtures for every room: tests/unit (in-process), tests/integration (real processes),
-tests/k8s (manifests and the operator emulation). Helpers live in tests/helpers.py."""
+"""Fixtures, and the one place that decides which marked tests skip here.
+
+Markers (registered in pyproject.toml): `slow` (real processes, tens of seconds), `netns`
+(several hosts as network namespaces: root and iproute2), `ray` (a local Ray cluster), `k8s`
+(the manifests and the emulated operators: kubectl and the CRDs, see testing/k8s/render.py),
+`gpu` (CUDA). Helpers live in tests/helpers.py and testing/, never here.
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import network
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` skip, with the reason, where CUDA is not available."""
-    gpu_tests = [item for item in items if "gpu" in item.keywords]
-    if not gpu_tests:
-        return
+
+def _no_cuda() -> str | None:
     import torch  # only when GPU tests were collected: importing torch costs seconds
 
     # DS_GPU_TESTS_ON_CPU=1 (benchmarks/gpu.sh --cpu-smoke) runs them on CPU tensors, which
     # checks the tests' own code where no GPU is lent.
-    if not torch.cuda.is_available() and os.environ.get("DS_GPU_TESTS_ON_CPU") != "1":
-        for item in gpu_tests:
-            item.add_marker(pytest.mark.skip(reason="needs CUDA (run on a GPU machine: bash benchmarks/gpu.sh)"))
+    if torch.cuda.is_available() or os.environ.get("DS_GPU_TESTS_ON_CPU") == "1":
+        return None
+    return "needs CUDA (run on a GPU machine: bash benchmarks/gpu.sh)"
+
+
+def _no_netns() -> str | None:
+    from testing.netlab import available
+
+    return available()
+
+
+def _no_ray() -> str | None:
+    if importlib.util.find_spec("ray") is None:
+        return 'Ray is not installed (pip install "distributed-step[ray]")'
+    return None
+
+
+# The Kubernetes tests' prerequisites (kubectl, the CRDs) are checked where each is needed, by
+# testing.k8s.render.unavailable: it skips naming the fix, or fails under CI (DS_REQUIRE_K8S_SCHEMAS).
+WHY_UNAVAILABLE = {"gpu": _no_cuda, "netns": _no_netns, "ray": _no_ray}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each marked test skips, with the reason, where what its marker needs is missing."""
+    for marker, why_unavailable in WHY_UNAVAILABLE.items():
+        marked = [item for item in items if marker in item.keywords]
+        reason = why_unavailable() if marked else None
+        for item in marked if reason else ():
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
-
-
-def network(hosts: int = 2, **kw):
-    """Hosts as network namespaces on one switch (distributed_step/netlab.py), removed afterwards
-    whatever happens; skipped where namespaces cannot be made (no root, no iproute2)."""
-    from distributed_step.netlab import NetlabError, Network, available
-
-    why = available()
-    if why:
-        pytest.skip(why)
-    try:
-        return Network(hosts, **kw).__enter__()
-    except NetlabError as exc:
-        pytest.skip(f"cannot create network namespaces here: {exc}")
 
 
 @pytest.fixture
@@ -47,13 +63,3 @@ def two_hosts():
     net = network(2)
     yield net
     net.close()
-
-
-def shape_or_skip(net, rate: str) -> None:
-    """Shape every link of `net` to `rate`; skip where this kernel has no tbf qdisc."""
-    from distributed_step.netlab import NetlabError
-
-    try:
-        net.shape(rate)
-    except NetlabError as exc:
-        pytest.skip(f"cannot shape links here: {exc}")

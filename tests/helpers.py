@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+import pytest
+
+from testing.machine import BIN, ROOT, free_port  # noqa: F401 - the tests take them from here too
 
 # Small and fast: 32 px images, 3 steps per epoch, a handful of steps.
 TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--global-batch-size", "16",
@@ -63,7 +63,25 @@ def load_weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def network(hosts: int = 2, **kw):
+    """Hosts as network namespaces on one switch (testing/netlab.py), removed afterwards whatever
+    happens; skipped where namespaces cannot be made (no root, no iproute2)."""
+    from testing.netlab import NetlabError, Network, available
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    try:
+        return Network(hosts, **kw).__enter__()
+    except NetlabError as exc:
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+
+
+def shape_or_skip(net, rate: str) -> None:
+    """Shape every link of `net` to `rate`; skip where this kernel has no tbf qdisc."""
+    from testing.netlab import NetlabError
+
+    try:
+        net.shape(rate)
+    except NetlabError as exc:
+        pytest.skip(f"cannot shape links here: {exc}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_step.dist import state_digest
+from distributed_step.parallel.process_group import state_digest
 from tests.helpers import TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
 pytestmark = pytest.mark.gpu

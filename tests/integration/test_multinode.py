@@ -1,4 +1,4 @@
-"""Several hosts (network namespaces on one switch: distributed_step/netlab.py), each running
+"""Several hosts (network namespaces on one switch: testing/netlab.py), each running
 torchrun, rendezvous over c10d. The network in between must change the time, never the math:
 two nodes of 2 ranks equal one node of 4 bit for bit (same ranks, same ring all-reduce), over
 a link shaped to 1 Gbit/s as over an unshaped one."""
@@ -10,8 +10,7 @@ import time
 import torch
 import yaml
 
-from tests.conftest import network, shape_or_skip
-from tests.helpers import TINY, child_env, load_weights, metrics, run_ok, summary, torchrun_cmd
+from tests.helpers import TINY, child_env, load_weights, metrics, network, run_ok, shape_or_skip, summary, torchrun_cmd
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
 TRAIN = ["-m", "distributed_step", "train"]

@@ -1,4 +1,4 @@
-"""The emulated network itself (distributed_step/netlab.py): whatever ends the process that made
+"""The emulated network itself (testing/netlab.py): whatever ends the process that made
 it, no namespace, no process inside one and no /etc/netns file is left behind."""
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ import sys
 
 import pytest
 
+from testing import netlab
 from tests.helpers import ROOT
 
-netlab = pytest.importorskip("distributed_step.netlab")
-if netlab.available():
-    pytest.skip(netlab.available(), allow_module_level=True)
+pytestmark = pytest.mark.netns
 
 # Makes two hosts with a process running on one, prints the names and that pid, then waits.
 OWNER = """
 import sys, time
-from distributed_step.netlab import Network
+from testing.netlab import Network
 net = Network(2).__enter__()
 sleeper = net.popen(0, ["sleep", "300"])
 print(" ".join([*net.names, net.switch]), sleeper.pid, flush=True)

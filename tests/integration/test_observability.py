@@ -24,7 +24,7 @@ def test_a_slowed_rank_is_named_with_its_host_and_phase_and_profiled(tmp_path):
     assert late["rank_forward_ms"][1] - late["rank_forward_ms"][0] > 250  # the 300 ms, seen in forward
     assert late["rank_comm_ms"][0] > late["rank_comm_ms"][1]  # the fast rank waits for the slow one
 
-    from distributed_step import plot
+    from distributed_step.tools import plot
 
     assert plot.main([str(out), "--out", str(tmp_path / "png")]) == 0
     assert (tmp_path / "png" / "ranks.png").stat().st_size > 0

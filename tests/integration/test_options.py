@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.models import resnet18
 
 from distributed_step.config import ConfigError, TrainConfig
-from distributed_step.data import build_datasets
-from distributed_step.dist import state_digest
+from distributed_step.data.datasets import build_datasets
 from distributed_step.model import build_model
+from distributed_step.parallel.process_group import state_digest
 from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
 

@@ -76,7 +76,7 @@ def test_hooked_runs_reach_the_digits_accuracy_and_plot(tmp_path, bench_records)
         assert result["eval_accuracy"] >= 0.95, (hook, result)
         assert len(set(result["replica_digests"])) == 1
 
-    from distributed_step import plot
+    from distributed_step.tools import plot
 
     _, _, bench_file = bench_records
     assert plot.main([str(tmp_path / "bf16"), str(bench_file), "--out", str(tmp_path / "png")]) == 0
@@ -110,8 +110,8 @@ def test_doctor_reports_every_check_and_flags_oversubscription():
 def test_bad_bench_and_plot_input_fails_fast_naming_the_flag(tmp_path):
     proc = run([str(BIN / "python"), "-m", "distributed_step", "bench", "--sweep", "bucket_cap_mb=big"])
     assert proc.returncode == 2 and "--sweep bucket_cap_mb: 'big' is not a float" in proc.stderr, proc.output
-    from distributed_step import plot
     from distributed_step.config import ConfigError
+    from distributed_step.tools import plot
 
     with pytest.raises(ConfigError, match="no metrics.jsonl"):
         plot.main([str(tmp_path)])

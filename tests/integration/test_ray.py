@@ -1,12 +1,12 @@
 """The Ray Train launcher on a real local Ray cluster (head with dashboard / job server).
 
-`ray job submit` runs launch/ray_job.py, which runs the same core through TorchTrainer; its
+`ray job submit` runs `python -m distributed_step ray` (distributed_step/launch/ray_train.py),
+which runs the same core through TorchTrainer; its
 result must equal torchrun's, a killed worker must resume exactly from the checkpoint Ray holds,
 and bad input must fail in bounded time.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import shutil
@@ -21,10 +21,10 @@ import torch
 
 from tests.helpers import BIN, ROOT, TINY, child_env, free_port, load_weights, run, run_ok, summary, torchrun_cmd
 
-pytest.importorskip("ray", reason='Ray is not installed (pip install "distributed-step[ray]")')
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 FLAGS = TINY + ["--steps", "6", "--checkpoint-every", "2", "--lr", "0.01"]
-LAUNCHER = str(ROOT / "launch" / "ray_job.py")
+LAUNCHER = [sys.executable, "-m", "distributed_step", "ray"]  # the [ray] extra's command
 
 
 # Token authentication on, as on any cluster: without it the job server runs anyone's code. The
@@ -69,7 +69,7 @@ def test_a_submission_without_the_token_is_refused(cluster, tmp_path):
 
 def submit(cluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return run([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], "--working-dir", str(ROOT),
-                "--", "python", "launch/ray_job.py", *args], timeout=timeout, env=ray_env())
+                "--", "python", "-m", "distributed_step", "ray", *args], timeout=timeout, env=ray_env())
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_stopped_job_resubmitted_resumes(cluster, shared_tmp):
     out = shared_tmp / "ray_stopped"
     args = ["--num-workers", "2", *TINY, "--steps", "30", "--checkpoint-every", "2", "--out", str(out)]
     run_ok([str(BIN / "ray"), "job", "submit", "--address", cluster["jobs"], "--no-wait", "--submission-id",
-            "stop-me", "--working-dir", str(ROOT), "--", "python", "launch/ray_job.py", *args], env=ray_env())
+            "stop-me", "--working-dir", str(ROOT), "--", "python", "-m", "distributed_step", "ray", *args],
+           env=ray_env())
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "checkpoints").glob("step_*.pt")):
         time.sleep(0.5)
@@ -125,7 +126,7 @@ def test_stopped_job_resubmitted_resumes(cluster, shared_tmp):
 
 def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, ray_job, shared_tmp):
     straight, crashed = ray_job, shared_tmp / "ray_crashed"  # the uninterrupted run: the submitted job
-    proc = run_ok([sys.executable, LAUNCHER, "--address", cluster["gcs"], "--num-workers", "2", *FLAGS,
+    proc = run_ok([*LAUNCHER, "--address", cluster["gcs"], "--num-workers", "2", *FLAGS,
                    "--max-failures", "1", "--fail-once-at-step", "5", "--out", str(crashed)],
                   timeout=400, env=ray_env())
     assert "killing this rank now" in proc.output
@@ -143,45 +144,5 @@ def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, ray_job
 ])
 def test_bad_input_fails_fast(cluster, tmp_path, args, env, expected):
     args = [a.replace("PORT", str(free_port())).replace("GCS", cluster["gcs"]) for a in args]
-    proc = run([sys.executable, LAUNCHER, *TINY, *args, "--out", str(tmp_path)], timeout=90, env=ray_env(**env))
+    proc = run([*LAUNCHER, *TINY, *args, "--out", str(tmp_path)], timeout=90, env=ray_env(**env))
     assert proc.returncode == 2 and expected in proc.stderr, proc.output[-3000:]
-
-
-def test_without_ray_the_error_says_what_to_install():
-    hide_ray = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = ['ray_job.py', '--data', 'synthetic'];"
-                f"runpy.run_path({LAUNCHER!r}, run_name='__main__')")
-    proc = run([sys.executable, "-c", hide_ray], timeout=60)
-    assert proc.returncode == 2 and 'pip install "distributed-step[ray]"' in proc.stderr
-
-
-def test_a_restart_resumes_from_the_newer_of_rays_checkpoint_and_the_run_directory(tmp_path):
-    spec = importlib.util.spec_from_file_location("ray_job", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    ray_copy, out = tmp_path / "ray" / "checkpoint_1", tmp_path / "out"
-    ray_copy.mkdir(parents=True)
-    (ray_copy / "step_00000004.pt").touch()
-    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # --out empty
-    (out / "checkpoints").mkdir(parents=True)
-    from distributed_step.checkpoint import REQUIRED_KEYS
-
-    def checkpoint(step):
-        torch.save({key: step if key == "step" else 0 for key in REQUIRED_KEYS},
-                   out / "checkpoints" / f"step_{step:08d}.pt")
-
-    checkpoint(2)
-    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")  # Ray's newer
-    (out / "checkpoints" / "step_00000008.pt").write_bytes(b"torn")  # newer but unreadable: not counted
-    assert module.resume_point(str(ray_copy), str(out)) == str(ray_copy / "step_00000004.pt")
-    checkpoint(6)
-    assert module.resume_point(str(ray_copy), str(out)) == "auto"  # --out newer: the core picks it
-
-
-def test_relative_paths_are_refused_on_several_nodes():
-    spec = importlib.util.spec_from_file_location("ray_job", LAUNCHER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    args = module.launcher_parser().parse_args(["--num-workers", "2"])
-    with pytest.raises(module.ConfigError, match="--out runs/x: a relative path"):
-        module.check_placement(args, {"CPU": 8}, 2, "runs/x", "/shared/ray")
-    assert module.check_placement(args, {"CPU": 8}, 1, "runs/x", "runs/x") is False

@@ -79,7 +79,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_and_every_rank_leaves_it
     assert sorted(stacks) == ["rank0-stacks.txt", "rank1-stacks.txt"], proc.output[-3000:]
     assert "faults.py" in stacks["rank1-stacks.txt"]  # the stalled rank, caught in its stall
     waiting = stacks["rank0-stacks.txt"]  # the waiting rank: inside the step or the flags' wait
-    assert "distributed_step/step.py" in waiting or "distributed_step/agreement.py" in waiting, waiting
+    assert "distributed_step/step.py" in waiting or "distributed_step/parallel/step_flags.py" in waiting, waiting
     report = (out / "errors" / "rank0.txt").read_text()
     assert "a collective failed" in report and "Traceback" in report
     summary_part = proc.output[proc.output.index("Root Cause"):]

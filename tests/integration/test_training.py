@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distributed_step.dist import state_digest
+from distributed_step.parallel.process_group import state_digest
 from tests.helpers import TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
 # SyncBN + fp32 so that 2 ranks x 8 must equal 1 rank x 16. The small learning rate keeps the

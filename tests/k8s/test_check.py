@@ -8,13 +8,13 @@ import shutil
 import subprocess
 import sys
 
+from testing.k8s.render import K8S, VARIANTS, need_kubectl, need_schemas
 from tests.helpers import ROOT
 from tests.k8s import check
-from tests.k8s.render import K8S, VARIANTS, need_kubectl, need_schemas
 
 
 def run_check(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.k8s.check", *args], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "testing.k8s.check", *args], check=False, capture_output=True,
                           text=True, timeout=300, cwd=ROOT, env={**os.environ, **env})
 
 
@@ -72,6 +72,6 @@ def test_missing_kubectl_is_named_with_its_fix(monkeypatch, capsys):
 
 
 def test_make_k8s_check_runs_it():
-    assert "\t$(PY) -m tests.k8s.check\n" in (ROOT / "Makefile").read_text()
+    assert "\t$(PY) -m testing.k8s.check\n" in (ROOT / "Makefile").read_text()
     assert shutil.which("make") is None or subprocess.run(
         ["make", "-n", "k8s-check"], cwd=ROOT, capture_output=True, text=True, check=False).returncode == 0

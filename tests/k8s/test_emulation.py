@@ -9,14 +9,13 @@ import socket
 
 import pytest
 
-from tests.helpers import ROOT
-from tests.k8s.controller import PodsFailed, run_until_done
-from tests.k8s.kubelet import Node, replace_paths
-from tests.k8s.kuberay import auth_secrets, rayjob_pods
-from tests.k8s.netpol import OPERATOR_NAMESPACE, Peer, admits, policies_of
-from tests.k8s.network import DENIED, LOOPBACK, Network
-from tests.k8s.operators import Pod, backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_nproc, trainjob_pods
-from tests.k8s.render import find, render, workload
+from testing.k8s.controller import PodsFailed, run_until_done
+from testing.k8s.kubelet import Node, replace_paths
+from testing.k8s.kuberay import auth_secrets, rayjob_pods
+from testing.k8s.netpol import OPERATOR_NAMESPACE, Peer, admits, policies_of
+from testing.k8s.network import DENIED, LOOPBACK, Network
+from testing.k8s.operators import Pod, backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_nproc, trainjob_pods
+from testing.k8s.render import find, render, workload
 
 
 def env_list(pod: Pod) -> list[tuple[str, str]]:
@@ -133,11 +132,11 @@ def test_the_image_paths_map_to_the_checkout(tmp_path):
     head, _, _ = rayjob_pods(workload(objects), Network(), "/tmp/ray")
     paths = Node(tmp_path, objects, Network()).paths(head, head.template["spec"]["containers"][0])
     entrypoint = replace_paths(workload(objects)["spec"]["entrypoint"], paths)
-    assert entrypoint.startswith(f"python {ROOT}/launch/ray_job.py ") and (ROOT / "launch" / "ray_job.py").is_file()
+    assert entrypoint.startswith("python -m distributed_step ray ")
     assert f"--out {tmp_path}/claims/distributed-step-runs/ds-rayjob " in entrypoint
 
 
-# --- NetworkPolicies (tests.k8s.netpol): what a pod's names reach ------------------------------
+# --- NetworkPolicies (testing.k8s.netpol): what a pod's names reach ------------------------------
 def _seen(node: Node, pod: Pod) -> str:
     """Everything a pod's main container is handed: its command line and env, names rewritten."""
     argv, env = node.process(pod, pod.template["spec"]["containers"][0])

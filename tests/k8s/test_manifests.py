@@ -12,11 +12,11 @@ import re
 import pytest
 import yaml
 
-from tests.k8s.admission import domain_prefixed_path_error, operator_errors
-from tests.k8s.operators import INIT_TEMPLATE, init_containers, pod_templates
-from tests.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, need_schemas, render, workload
-from tests.k8s.rules import house_errors
-from tests.k8s.validate import schema_errors
+from testing.k8s.admission import domain_prefixed_path_error, operator_errors
+from testing.k8s.operators import INIT_TEMPLATE, init_containers, pod_templates
+from testing.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, need_schemas, render, workload
+from testing.k8s.rules import house_errors
+from testing.k8s.validate import schema_errors
 
 # Every test that renders needs kubectl: render() skips it without one (fails it under CI).
 CUSTOM = {"PyTorchJob", "TrainJob", "RayJob"}
@@ -155,7 +155,7 @@ BROKEN = [
     ("trainjob", lambda o: _set(_patched_pod(o), "initContainers", [{"name": "chown", "image": "busybox"}]), "has no initContainer 'chown'"),
     # KubeRay: the entrypoint by the image's absolute path
     ("rayjob", lambda o: _set(find(o, "RayJob")["spec"], "entrypoint",
-                              find(o, "RayJob")["spec"]["entrypoint"].replace("/app/launch/", "launch/")), "must run python /app/launch/ray_job.py"),
+                              find(o, "RayJob")["spec"]["entrypoint"].replace("-m distributed_step ray", "launch/ray_job.py")), "must run python -m distributed_step ray"),
     # the c10d rendezvous outlasts a cold image pull
     ("job", lambda o: _set(_container(o), "args", [_container(o)["args"][0].replace(",read_timeout=600", "")]), "read_timeout is unset"),
     ("pytorchjob", lambda o: _set(_container(o), "args", [a.replace("read_timeout=600", "read_timeout=60") for a in _container(o)["args"]]),
@@ -209,8 +209,8 @@ def test_the_images_match_what_the_pods_expect():
     cpu, cuda = (K8S / "Dockerfile").read_text(), (K8S / "Dockerfile.cuda").read_text()
     for dockerfile in (cpu, cuda):
         assert re.search(r"^USER 1000:1000$", dockerfile, re.MULTILINE)  # runAsUser/runAsGroup in every pod
-        assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)    # the RayJob runs /app/launch/ray_job.py
-        assert "COPY launch ./launch" in dockerfile and '".[ray]"' in dockerfile
+        assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
+        assert '".[ray]"' in dockerfile  # the RayJob runs the installed launcher: python -m distributed_step ray
     assert "download.pytorch.org/whl/cpu" in cpu and "whl/cpu" not in cuda
     # The CUDA image keeps a base image's own torch; only a bare base gets the pinned pair.
     assert 'if python -c "import torch"' in cuda and "ARG BASE_IMAGE=" in cuda

@@ -1,9 +1,9 @@
 """The pods' commands really run: each CPU variant, rendered as `kubectl apply -k` would create
-it, becomes local processes with what the operator injects (tests.k8s.operators and
-tests.k8s.kuberay: the training operator's, the Trainer's, the Job controller's and KubeRay's
-behaviour, read from their sources) and what the kubelet resolves (tests.k8s.kubelet: volumes and
+it, becomes local processes with what the operator injects (testing.k8s.operators and
+testing.k8s.kuberay: the training operator's, the Trainer's, the Job controller's and KubeRay's
+behaviour, read from their sources) and what the kubelet resolves (testing.k8s.kubelet: volumes and
 the image's paths as directories, env, $(VAR), init containers). Each pod is a process tree;
-DNS names map to 127.0.0.1 where the NetworkPolicies admit the pod (tests.k8s.network; the RayJob
+DNS names map to 127.0.0.1 where the NetworkPolicies admit the pod (testing.k8s.network; the RayJob
 runs with KubeRay's token auth). The only edits are ones a user could make: the
 ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS follows), and
 the elastic PyTorchJob's minReplicas and maxReplicas become the 2 pods it runs.
@@ -30,13 +30,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testing.k8s.controller import Outcome, run_rayjob, run_until_done
+from testing.k8s.kubelet import Node
+from testing.k8s.kuberay import auth_secrets, rayjob_pods
+from testing.k8s.network import Network
+from testing.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_pods
+from testing.k8s.render import find, need_kubectl, render, workload
 from tests.helpers import TINY, metrics, summary
-from tests.k8s.controller import Outcome, run_rayjob, run_until_done
-from tests.k8s.kubelet import Node
-from tests.k8s.kuberay import auth_secrets, rayjob_pods
-from tests.k8s.network import Network
-from tests.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_pods
-from tests.k8s.render import find, need_kubectl, render, workload
 
 STEPS = 6
 HOST_LAST_S = 65  # longer than torch's default read_timeout, 60 s

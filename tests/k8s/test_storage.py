@@ -4,7 +4,7 @@ ReadWriteMany volumes do not (NFS, EFS, Azure Files, csi-driver-nfs by default),
 root's and uid 1000 cannot create its run directory. The pods must say so at once, in one line
 naming the directory; docs/kubernetes.md ("Shared storage as uid 1000") lists the fixes.
 
-Here the Indexed Job's two pods run without any capability (tests.k8s.kubelet, unprivileged), so
+Here the Indexed Job's two pods run without any capability (testing.k8s.kubelet, unprivileged), so
 file permissions bind them as they bind uid 1000: first on a claim of another owner, mode 755,
 the volume such storage gives them; then on a claim of their own uid, as after one of the fixes.
 (Not as uid 1000 itself: the interpreter may lie where that uid cannot enter, as pyenv's under
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s.kubelet import Node
-from tests.k8s.network import Network
-from tests.k8s.operators import indexed_job_pods
-from tests.k8s.render import render, workload
+from testing.k8s.kubelet import Node
+from testing.k8s.network import Network
+from testing.k8s.operators import indexed_job_pods
+from testing.k8s.render import render, workload
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv (util-linux) to run the pods without privileges")

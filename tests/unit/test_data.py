@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from distributed_step.config import TrainConfig
-from distributed_step.data import DIGITS_HELD_OUT, SYNTHETIC_HELD_OUT, SyntheticImages, build_datasets
-from distributed_step.loaders import ResumableSampler, held_out_loader
+from distributed_step.data.datasets import DIGITS_HELD_OUT, SYNTHETIC_HELD_OUT, SyntheticImages, build_datasets
+from distributed_step.data.loaders import ResumableSampler, held_out_loader
 
 
 def global_batches(dataset, world, batch, epoch, skip=0):
@@ -72,8 +72,8 @@ def test_unreadable_image_and_empty_class_name_the_file_and_the_split(tmp_path):
     from PIL import Image
 
     from distributed_step.config import ConfigError
-    from distributed_step.data import build_datasets
-    from distributed_step.images import UnreadableImage
+    from distributed_step.data.datasets import build_datasets
+    from distributed_step.data.images import UnreadableImage
 
     for split in ("train", "val"):
         for c in ("a", "b"):
@@ -93,7 +93,7 @@ def test_cifar10_names_the_missing_or_corrupt_file(tmp_path):
     from torchvision.datasets import CIFAR10
 
     from distributed_step.config import ConfigError
-    from distributed_step.data import build_datasets
+    from distributed_step.data.datasets import build_datasets
 
     folder = tmp_path / CIFAR10.base_folder
     folder.mkdir()

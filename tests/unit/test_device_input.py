@@ -9,11 +9,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from distributed_step.agreement import StepFlags
-from distributed_step.data import IMAGENET_MEAN, IMAGENET_STD, CifarImages
-from distributed_step.device_input import DeviceFeed, DeviceTransform
-from distributed_step.dist import DistEnv
-from distributed_step.images import ImageFiles
+from distributed_step.data.datasets import IMAGENET_MEAN, IMAGENET_STD, CifarImages
+from distributed_step.data.device_input import DeviceFeed, DeviceTransform
+from distributed_step.data.images import ImageFiles
+from distributed_step.parallel.process_group import DistEnv
+from distributed_step.parallel.step_flags import StepFlags
 
 
 def photo(path, width=500, height=375, seed=0):
@@ -119,7 +119,7 @@ def test_flags_are_read_a_step_late_unless_settled():
 @pytest.mark.parametrize("size", [8, 32])
 def test_synthetic_batches_normalise_to_zero_mean_unit_variance(size):
     from distributed_step.config import TrainConfig
-    from distributed_step.data import build_datasets
+    from distributed_step.data.datasets import build_datasets
 
     sets = build_datasets(TrainConfig(data="synthetic", image_size=size))
     batch = torch.stack([sets.train[i][0] for i in range(64)])
@@ -130,7 +130,7 @@ def test_synthetic_batches_normalise_to_zero_mean_unit_variance(size):
 def test_decode_on_the_device_equals_the_workers_decode(tmp_path):
     """--decode device: the files' bytes and boxes travel, the batch is decoded and cropped where
     the model runs (nvjpeg on CUDA; here the same code on CPU tensors)."""
-    from distributed_step.images import UnreadableImage, collate_encoded
+    from distributed_step.data.images import UnreadableImage, collate_encoded
 
     samples = [(str(photo(tmp_path / f"{i}.jpg", width=120, height=90, seed=i)), i % 2) for i in range(4)]
     for train in (True, False):
@@ -169,8 +169,8 @@ def test_formats_outside_torchvisions_decoders_still_load(tmp_path, fmt, mode):
 
 
 def test_bench_input_times_the_loader_and_its_baseline_and_refuses_bad_counts(tmp_path, capsys):
-    from distributed_step import bench
     from distributed_step.config import ConfigError
+    from distributed_step.tools import bench
 
     assert bench.main(["--input", "--make-jpegs", str(tmp_path / "jpegs"), "--jpegs", "20", "--data",
                        f"imagefolder:{tmp_path / 'jpegs'}", "--image-size", "16", "--global-batch-size", "4",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from distributed_step.__main__ import _explain, _fail
 from distributed_step.config import ConfigError, TrainConfig
-from distributed_step.images import UnreadableImage
+from distributed_step.data.images import UnreadableImage
 
 CFG = TrainConfig(image_size=4000, global_batch_size=16)
 
@@ -30,7 +30,7 @@ def test_bad_input_is_exit_2_and_a_peer_failure_says_where_the_cause_is():
 
 def test_an_error_after_the_launchers_sigterm_is_its_consequence_not_a_traceback(monkeypatch, capsys):
     from distributed_step import __main__ as entry
-    from distributed_step import preemption
+    from distributed_step.parallel import preemption
 
     monkeypatch.setattr(preemption, "_received", True)  # torchrun stopping this rank after another failed
     line, code = _explain(EOFError("unexpected EOF"), CFG)  # its loader's forkserver got the signal too

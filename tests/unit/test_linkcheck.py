@@ -1,10 +1,10 @@
-"""--comm-hook auto's model of DDP's overlap and its choice (distributed_step/linkcheck.py)."""
+"""--comm-hook auto's model of DDP's overlap and its choice (distributed_step/parallel/hook_policy.py)."""
 from __future__ import annotations
 
 import pytest
 
-from distributed_step import linkcheck
 from distributed_step.model import build_model
+from distributed_step.parallel import hook_policy as linkcheck
 
 
 def test_buckets_follow_ddp_order_and_hold_every_gradient_byte():

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from distributed_step.dist import DistEnv
-from distributed_step.metrics import JsonlLog, Throughput
+from distributed_step.observe.metrics import JsonlLog, Throughput
+from distributed_step.parallel.process_group import DistEnv
 
 ONE_RANK = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo", False)
 

@@ -10,7 +10,7 @@ from tests.helpers import ROOT, child_env
 
 PROBE = """
 import json, sys
-from distributed_step import numerics
+from distributed_step.parallel import numerics
 print(json.dumps(numerics.configure(sys.argv[1] == "1")))
 """
 

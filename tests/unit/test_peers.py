@@ -1,4 +1,4 @@
-"""Reading the launcher's connections from /proc (distributed_step/peers.py): loopback ones are
+"""Reading the launcher's connections from /proc (distributed_step/parallel/peers.py): loopback ones are
 this host's, and the loopback-master verdict needs torchrun, several agents, a loopback
 MASTER_ADDR and a connection elsewhere. The positive case across hosts runs in
 tests/integration/test_multinode.py, over network namespaces."""
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from distributed_step import peers
+from distributed_step.parallel import peers
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
             "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}

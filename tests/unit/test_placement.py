@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from distributed_step import placement
+from distributed_step.parallel import placement
 
 CORES = sorted(placement.STARTING_CORES)
 

@@ -7,9 +7,9 @@ import torch
 
 from distributed_step import checkpoint as ckpt
 from distributed_step.config import ConfigError, TrainConfig
-from distributed_step.data import build_datasets
-from distributed_step.dist import detect, setup
+from distributed_step.data.datasets import build_datasets
 from distributed_step.model import build_model
+from distributed_step.parallel.process_group import detect, setup
 from distributed_step.rundir import RunLock
 from distributed_step.train import Run
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_step.step import PhaseClock, lr_factor, sgd, train_step
+from distributed_step.observe.clock import PhaseClock
+from distributed_step.optim import lr_factor, sgd
+from distributed_step.step import train_step
 
 
 def one_step(accum: int, steps: int = 2):
@@ -49,7 +51,7 @@ def test_fp16_with_its_scaler_skips_the_overflowing_steps_then_trains():
     step and went NaN here; sgd() must hand a scaled run the foreach loop."""
     from torchvision.models import resnet18
 
-    from distributed_step.step import amp
+    from distributed_step.parallel.numerics import amp
 
     torch.manual_seed(0)
     model = resnet18(num_classes=10)
