@@ -51,6 +51,31 @@ from distributed_step.parallel.syncbn import convert_sync_batchnorm
 from distributed_step.step import train_step
 
 
+@dataclass(frozen=True)
+class Duties:
+    """What a finished step must do before the next: the one place that decides it."""
+    log: bool
+    evaluate: bool
+    checkpoint: bool
+    last: bool
+
+    @property
+    def writes(self) -> bool:
+        """Does anything leave this step (a log line, an evaluation, a file)? Then the step
+        flags are settled first: nothing is written from a step a rank found not finite."""
+        return self.log or self.evaluate or self.checkpoint or self.last
+
+
+def duties(cfg: TrainConfig, step: int, total_steps: int, stopping: bool) -> Duties:
+    """Log every --log-every steps, evaluate every --eval-every (the last step's evaluation is
+    the final one), checkpoint every --checkpoint-every; a stop logs and checkpoints at once."""
+    last = step == total_steps
+    return Duties(log=step % cfg.log_every == 0 or last or stopping,
+                  evaluate=bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last,
+                  checkpoint=stopping or (bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0),
+                  last=last)
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, disagreeing ranks); the message names the step."""
 
@@ -146,6 +171,8 @@ class Run:
         self.clock, self.meter, self.timer = PhaseClock(env.device), LossMeter(env.device), Throughput()
         self.clock.watch_gradients(self.net)
         self.stragglers, self.profiler = StragglerWatch(env), StepProfiler(cfg, env.rank, env.device)
+        self.watch = evidence.HangWatch(cfg.out, cfg.timeout_s)  # stacks if this rank stops moving
+        self.bar = None  # the progress bar, on rank 0 of an interactive terminal (_announce)
 
     # --- the checkpoint state, written and read in one place --------------------------------
     def state_dict(self) -> dict:
@@ -216,9 +243,8 @@ class Run:
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> Summary:
-        self._announce()
-        self.watch = evidence.HangWatch(self.cfg.out, self.cfg.timeout_s)  # stacks if this rank stops moving
         try:
+            self._announce()
             return self._fit()
         finally:
             self.watch.close()
@@ -292,9 +318,7 @@ class Run:
         (SIGTERM), is any rank's loss not finite? Read a step late, except before this step
         writes, evaluates or logs anything. Returns whether to stop, the same on every rank."""
         self.flags.post(self.step, stop_requested, loss)
-        cfg, step = self.cfg, self.step
-        if (step == self.total_steps or step % cfg.log_every == 0 or (cfg.eval_every and step % cfg.eval_every == 0)
-                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.flags.stop):
+        if duties(self.cfg, self.step, self.total_steps, stopping=False).writes or self.flags.stop:
             self.flags.settle()  # (on a stop too: its checkpoint must not hold this step if it was not finite)
         if self.flags.non_finite_step is not None:
             raise TrainingError(f"loss is not finite at step {self.flags.non_finite_step} (lower --lr or set "
@@ -303,14 +327,14 @@ class Run:
 
     def _after_step(self, loss: torch.Tensor) -> None:
         """Close the step's timer, then log, evaluate and checkpoint at their intervals."""
-        cfg, step, last = self.cfg, self.step, self.step == self.total_steps
+        todo = duties(self.cfg, self.step, self.total_steps, self.stopping)
         self.meter.update(loss)
-        self.timer.end(cfg.global_batch_size)
-        if step % cfg.log_every == 0 or last or self.stopping:
+        self.timer.end(self.cfg.global_batch_size)
+        if todo.log:
             self.last_loss = self._log()
-        if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            self.metrics.write({"step": step, **self._evaluate()})
-        if self.stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if todo.evaluate:
+            self.metrics.write({"step": self.step, **self._evaluate()})
+        if todo.checkpoint:
             self._checkpoint()
 
     def _log(self) -> float:

@@ -39,6 +39,17 @@ def _params(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int16)
 
 
+def synthetic_batch(n: int, image_size: int, classes: int, device: torch.device, seed: int,
+                    channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float images, labels) on `device`, the same for the same seed: the batch that bench,
+    doctor and --comm-hook auto time the step with, so that they all time the same thing."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, image_size, image_size, generator=gen).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.randint(classes, (n,), generator=gen).to(device)
+
+
 class SyntheticImages(Dataset):
     """Uniform random bytes with uniform labels; sample i depends on (seed, i) alone. Each image
     is a window of one shared block of random bytes at an offset drawn from (seed, i): no random

@@ -11,13 +11,16 @@ cost", compares the model with `bench`). Exact stays the default: compression ch
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from distributed_step.data.datasets import synthetic_batch
+from distributed_step.parallel.numerics import amp
+from distributed_step.parallel.process_group import time_all_reduce
 
 EXPOSED_SHARE_LIMIT = 0.05  # exact while the exposed comm is at most this share of the compute step
 FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket (the last layers' gradients) is 1 MiB
@@ -87,16 +90,9 @@ def measure(net: nn.Module, world_size: int, device: torch.device, cfg) -> LinkR
     """Time the link and the local step on this rank, agree on the group's worst, choose."""
     sizes = bucket_sizes(net, cfg.bucket_cap_mb)
     bucket_bytes = max(sizes)
-    buffer = torch.zeros(bucket_bytes // 4, device=device)
-    times = []
-    for _ in range(REPEATS + 1):
-        began = time.perf_counter()
-        dist.all_reduce(buffer)
-        _sync(device)
-        times.append((time.perf_counter() - began) * 1e3)
+    bucket_ms = 1e3 * time_all_reduce(bucket_bytes // 4, device, repeats=REPEATS)
     compute_ms, backward_ms = _local_step_ms(net, device, cfg, world_size)
-    agreed = torch.tensor([statistics.median(times[1:]), compute_ms, backward_ms], dtype=torch.float64,
-                          device=device)
+    agreed = torch.tensor([bucket_ms, compute_ms, backward_ms], dtype=torch.float64, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
     bucket_ms, compute_ms, backward_ms = agreed.tolist()
     return choose(sizes, world_size, bucket_bytes, bucket_ms, compute_ms, backward_ms)
@@ -105,14 +101,8 @@ def measure(net: nn.Module, world_size: int, device: torch.device, cfg) -> LinkR
 def _local_step_ms(net: nn.Module, device: torch.device, cfg, world_size: int) -> tuple[float, float]:
     """(forward+backward, backward) ms of one micro-batch on this rank alone. The weights, their
     gradients, BatchNorm's statistics and the global random state are left as they were."""
-    from distributed_step.parallel.numerics import amp
-
     batch = max(2, cfg.global_batch_size // world_size // cfg.grad_accum)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(net.fc.out_features, (batch,), generator=gen).to(device)
+    images, labels = synthetic_batch(batch, cfg.image_size, net.fc.out_features, device, 0, cfg.channels_last)
     buffers = [b.detach().clone() for b in net.buffers()]
     dtype, _ = amp(cfg.precision, device)
     timings = []

@@ -230,6 +230,24 @@ def all_gather_object(obj, env: DistEnv) -> list:
     return out
 
 
+def time_all_reduce(numel: int, device: torch.device, group=None, repeats: int = 3) -> float:
+    """Median seconds of one all-reduce of `numel` float32 values within `group` (None: every
+    rank), each timed alone. One all-reduce first warms the connections up, then a barrier, so
+    that no rank's clock starts while another still lags. doctor's bandwidth line and the
+    --comm-hook auto policy both time the link with this."""
+    tensor = torch.ones(numel, device=device)
+    dist.all_reduce(tensor, group=group)
+    dist.barrier(group=group)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        dist.all_reduce(tensor, group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    return sorted(times)[len(times) // 2]
+
+
 def broadcast_buffers_(module: torch.nn.Module, env: DistEnv) -> None:
     """Make every rank's BatchNorm statistics rank 0's.
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from distributed_step.config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags, field_type
+from distributed_step.data.datasets import synthetic_batch
 from distributed_step.model import build_model
 from distributed_step.observe.clock import PhaseClock
 from distributed_step.optim import sgd
@@ -138,12 +139,9 @@ class _Bench:
         self.chosen = {"comm_hook_chosen": getattr(self.ddp, "comm_hook", cfg.comm_hook),
                        **({"link_check": report.as_record()} if report else {})}
         self.model = torch.compile(self.ddp) if cfg.compile else self.ddp
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # each rank its own batch
-        n, side = variant.batch_per_rank, cfg.image_size
-        self.images = torch.randn(n, 3, side, side, generator=gen).to(env.device)
-        if cfg.channels_last:
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
-        self.labels = torch.randint(10, (n,), generator=gen).to(env.device)
+        self.images, self.labels = synthetic_batch(variant.batch_per_rank, cfg.image_size, 10, env.device,
+                                                   cfg.seed * 1000 + env.rank,  # each rank its own batch
+                                                   cfg.channels_last)
         self.precision, self.scaler = amp(cfg.precision, env.device)
         self.optimizer = sgd(self.net.parameters(), 0.01, 0.9, 5e-4, fused=cfg.fused_sgd, scaler=self.scaler)
         self.clock = PhaseClock(env.device)

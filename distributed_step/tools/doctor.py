@@ -26,13 +26,21 @@ import torch
 from torch import nn
 
 from distributed_step.config import OneLineErrorParser, TrainConfig, add_config_flags
+from distributed_step.data.datasets import synthetic_batch
 from distributed_step.model import build_model
 from distributed_step.observe.clock import PhaseClock
 from distributed_step.observe.stragglers import THRESHOLD, lower_median
 from distributed_step.optim import sgd
 from distributed_step.parallel import ddp, placement
 from distributed_step.parallel import hook_policy as linkcheck
-from distributed_step.parallel.process_group import all_gather_object, detect, setup, state_digest, teardown
+from distributed_step.parallel.process_group import (
+    all_gather_object,
+    detect,
+    setup,
+    state_digest,
+    teardown,
+    time_all_reduce,
+)
 from distributed_step.step import train_step
 
 SHM_MIN_BYTES = 1 << 30  # DataLoader workers pass batches through /dev/shm; pods default to 64 MB
@@ -117,7 +125,7 @@ def _shm_bytes() -> int:
 
 def _bandwidth(env, numel: int, repeats: int) -> tuple[float, float]:
     """(seconds per all-reduce, bus GB/s) for a float32 tensor of `numel` elements, all ranks."""
-    seconds = _all_reduce_s(env, numel, None, repeats)
+    seconds = time_all_reduce(numel, env.device, None, repeats)
     return seconds, _bus_gbps(numel, env.world_size, seconds)
 
 
@@ -154,8 +162,7 @@ def _device_speed(env) -> dict:
 def _own_step_ms(env, cfg: TrainConfig, net: nn.Module) -> float:
     """This rank's own training step (no gradient all-reduce), ms: the compute a straggler lacks."""
     optimizer = sgd(net.parameters(), 0.0, 0.0, fused=cfg.fused_sgd)  # lr 0: the weights stay as they are
-    images = torch.randn(8, 3, cfg.image_size, cfg.image_size).to(env.device)
-    labels = torch.randint(10, (8,)).to(env.device)
+    images, labels = synthetic_batch(8, cfg.image_size, 10, env.device, seed=0)
     clock, loss = PhaseClock(env.device), nn.CrossEntropyLoss()
     times = []
     for _ in range(4):
@@ -181,23 +188,7 @@ def _per_host_bandwidth(env, facts: list[dict], numel: int, repeats: int) -> flo
     if mine is None:
         return None
     group, n = mine
-    return _bus_gbps(numel, n, _all_reduce_s(env, numel, group, repeats))
-
-
-def _all_reduce_s(env, numel: int, group, repeats: int) -> float:
-    """Seconds per all-reduce of `numel` floats within `group` (None: every rank), after one to
-    warm the connections up and a barrier, so that no rank's clock starts while others lag."""
-    tensor = torch.ones(numel, device=env.device)
-    torch.distributed.all_reduce(tensor, group=group)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
-    torch.distributed.barrier(group=group)
-    began = time.perf_counter()
-    for _ in range(repeats):
-        torch.distributed.all_reduce(tensor, group=group)
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
-    return (time.perf_counter() - began) / repeats
+    return _bus_gbps(numel, n, time_all_reduce(numel, env.device, group, repeats))
 
 
 def _between_hosts_gbit(env, facts: list[dict], repeats: int) -> float | None:
@@ -208,7 +199,7 @@ def _between_hosts_gbit(env, facts: list[dict], repeats: int) -> float | None:
     if env.rank not in firsts:
         return None
     numel = 25 * 2**20 // 4
-    return 8 * _bus_gbps(numel, len(firsts), _all_reduce_s(env, numel, group, repeats))
+    return 8 * _bus_gbps(numel, len(firsts), time_all_reduce(numel, env.device, group, repeats))
 
 
 def _compare_ranks(report: Report, facts: list[dict], key: str, what: str, unit: str, higher_is_better: bool,
@@ -228,9 +219,7 @@ def _compare_ranks(report: Report, facts: list[dict], key: str, what: str, unit:
 def _one_step_digest(env, cfg: TrainConfig, net: nn.Module) -> str:
     model = ddp.wrap(net, env, cfg)
     optimizer = sgd(net.parameters(), 0.1, 0.9, fused=cfg.fused_sgd)
-    gen = torch.Generator().manual_seed(1000 + env.rank)  # each rank a different batch
-    images = torch.randn(4, 3, cfg.image_size, cfg.image_size, generator=gen).to(env.device)
-    labels = torch.randint(10, (4,), generator=gen).to(env.device)
+    images, labels = synthetic_batch(4, cfg.image_size, 10, env.device, seed=1000 + env.rank)  # each rank its own
     clock = PhaseClock(env.device)
     clock.start()
     train_step(model, optimizer, images, labels, nn.CrossEntropyLoss(), clock)

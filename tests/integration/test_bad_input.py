@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers import BIN, ROOT, TINY, child_env, free_port, python_cmd, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 CASES = {
     # name: (command, extra env, text every failing rank must print)
     "batch_not_divisible": (torchrun_cmd(2, TINY + ["--global-batch-size", "15"]), {},

@@ -1,6 +1,10 @@
 """The embedded default: `torchrun --nproc_per_node=4 -m distributed_step train`, no other flag,
 learns the real scikit-learn digits to >= 95% held-out accuracy (about a minute on 2 cores)."""
+import pytest
+
 from tests.helpers import metrics, run_ok, summary, torchrun_cmd
+
+pytestmark = pytest.mark.slow
 
 
 def test_default_run_learns_digits(tmp_path):

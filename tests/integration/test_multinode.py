@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 import torch
 import yaml
 
 from tests.helpers import TINY, child_env, load_weights, metrics, network, run_ok, shape_or_skip, summary, torchrun_cmd
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 FLAGS = TINY + ["--steps", "4", "--checkpoint-every", "0"]
 TRAIN = ["-m", "distributed_step", "train"]

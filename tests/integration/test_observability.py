@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
 from tests.helpers import TINY, metrics, run_ok, summary, torchrun_cmd
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_slowed_rank_is_named_with_its_host_and_phase_and_profiled(tmp_path):

@@ -17,6 +17,8 @@ from distributed_step.model import build_model
 from distributed_step.parallel.process_group import state_digest
 from tests.helpers import TINY, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 
 def make_image_folder(root, classes=3, per_class=12, size=40):
     g = torch.Generator().manual_seed(0)

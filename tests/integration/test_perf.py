@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import BIN, ROOT, child_env, run, run_ok, summary, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 PHASES = ("forward_ms", "backward_ms", "comm_ms", "optimizer_ms")
 
 

@@ -11,6 +11,8 @@ import torch
 
 from tests.helpers import ROOT, TINY, child_env, metrics, python_cmd, run, run_ok, summary, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 
 def test_second_run_on_one_directory_is_refused_and_the_first_loses_nothing(tmp_path):
     out = tmp_path / "run"

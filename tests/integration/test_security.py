@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import ROOT, TINY, child_env, python_cmd
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PROBE = """
 import json, socket, sys

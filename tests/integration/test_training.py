@@ -14,6 +14,8 @@ import torch
 from distributed_step.parallel.process_group import state_digest
 from tests.helpers import TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
 
+pytestmark = pytest.mark.slow
+
 # SyncBN + fp32 so that 2 ranks x 8 must equal 1 rank x 16. The small learning rate keeps the
 # float32 rounding differences between batch-8 and batch-16 kernels from being amplified
 # through ReLU and max-pool kinks (a flipped max-pool winner moves a whole gradient entry).

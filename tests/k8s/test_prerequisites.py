@@ -20,7 +20,9 @@ import pytest
 
 from testing.k8s.render import K8S, REQUIRE_ENV, need_kubectl, need_schemas
 from tests.helpers import ROOT, free_port
-from tests.k8s import render
+from testing.k8s import render
+
+pytestmark = pytest.mark.k8s
 
 FETCH = K8S / "fetch_schemas.py"
 CRDS = json.loads((K8S / "crds.json").read_text())["crds"]

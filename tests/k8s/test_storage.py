@@ -26,8 +26,9 @@ from testing.k8s.network import Network
 from testing.k8s.operators import indexed_job_pods
 from testing.k8s.render import render, workload
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv (util-linux) to run the pods without privileges")
+pytestmark = [pytest.mark.k8s,
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                 reason="needs root and setpriv (util-linux) to run the pods without privileges")]
 NOBODY = 65534  # the volume's owner when it is not the pods' (on the cluster: root, the pods uid 1000)
 
 
