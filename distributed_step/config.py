@@ -35,8 +35,9 @@ class TrainConfig:
     image_size: int = _opt(32, "side of the square input images, in pixels")
     synthetic_samples: int = _opt(2048, "training samples of --data synthetic")
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: 0 for in-memory data, else up to 4)")
-    decode: str = _opt("workers", "where imagefolder JPEGs are decoded: in the loader workers, or batched on the "
-                       "device (nvjpeg on CUDA; JPEG files only)", ("workers", "device"))
+    decode: str = _opt("workers", "where imagefolder images are decoded: in the loader workers, or batched on the "
+                       "device (nvjpeg on CUDA; files it cannot take are decoded in the workers)",
+                       ("workers", "device"))
     # Length of the run
     steps: int = _opt(0, "optimizer steps to run (0: use --epochs)")
     epochs: int = _opt(8, "passes over the training set (ignored when --steps is given)")
@@ -264,7 +265,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
-RUN_FACTS = ("world_size", "numerics")  # written next to the configuration, not part of it
+# Written next to the configuration in a run's config.yaml (train.Run._announce), not part of it.
+RUN_FACTS = ("world_size", "numerics", "comm_hook_chosen", "link")
 
 
 def save_yaml(config: TrainConfig, path: str, extra: dict) -> None:

@@ -14,6 +14,8 @@ so the CPU tests cover what a GPU runs.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 NO_AUGMENT = (0, 0, 0)  # params of a sample taken as it is
+CPU_FALLBACKS_NAMED = 10  # files the device decoder refused, named in a warning each; then only counted
+
+log = logging.getLogger("distributed_step")
 
 
 @dataclass(frozen=True)
@@ -79,18 +84,44 @@ class DeviceFeed:
         self.samples = samples  # (path, label) per index: names a file that fails to decode (--decode device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.wait_s = 0.0
+        # --decode device: samples decoded on the device, by the loader workers (files the device
+        # decoder does not take), on the host (files it refused); since the start, on this rank.
+        self.decoded = {"device": 0, "workers": 0, "cpu": 0}
+        self._reported = False
 
     def __call__(self, batches):
         iterator = iter(batches)
-        while True:
-            began = time.perf_counter()
-            batch = next(iterator, None)
-            self.wait_s += time.perf_counter() - began
-            if batch is None:
-                return
-            yield self.to_device(*batch)
+        try:
+            while True:
+                began = time.perf_counter()
+                batch = next(iterator, None)
+                self.wait_s += time.perf_counter() - began
+                if batch is None:
+                    break
+                yield self.to_device(*batch)
+        except GeneratorExit:  # the consumer stopped early (a stop request): the pass still counts
+            self._report()
+            raise
+        self._report()
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor):
+    def _report(self) -> None:
+        """Once, at the end of the first pass (an epoch, or fewer steps), how many files did not
+        take the device decoder. INFO shows on rank 0 only (metrics.setup_logging), so the count
+        is rank 0's share of the data; the refusals are warnings, on every rank, as they happen."""
+        seen = sum(self.decoded.values())
+        if self._reported or not seen:
+            return
+        self._reported = True
+        # ImageFolder's paths are split/class/file: the split names which feed this is (train, val).
+        folder = os.path.dirname(os.path.dirname(self.samples[0][0])) if self.samples else "the data"
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        log.info("--decode device: %d of the %d files rank %d read from %s in its first pass were decoded in "
+                 "the loader workers (not JPEGs the device decoder takes: PNG, CMYK, ...), %d on the CPU "
+                 "after the device decoder refused them", self.decoded["workers"], seen, rank, folder,
+                 self.decoded["cpu"])
+
+    def to_device(self, images, labels: torch.Tensor, params: torch.Tensor):
         if self.stream is None:
             return self._prepare(images, labels, params)
         with torch.cuda.stream(self.stream):
@@ -102,15 +133,27 @@ class DeviceFeed:
         return prepared
 
     def _prepare(self, images, labels, params):
-        if isinstance(images, list):  # --decode device: JPEG files' bytes, decoded as one batch here
+        if isinstance(images, list):  # --decode device: JPEG bytes (decoded as one batch here) and worker crops
             from distributed_step.data.images import decode_crops
 
-            images = decode_crops(images, params, self.transform.size, self.device, self.samples)
+            images, counts = decode_crops(images, params, self.transform.size, self.device, self.samples)
+            self._count(counts)
             params = params[:, :3]
         else:
             images = images.to(self.device, non_blocking=True)
         params = params.to(self.device, non_blocking=True)
         return self.transform(images, params, self.channels_last), labels.to(self.device, non_blocking=True)
+
+    def _count(self, counts) -> None:
+        self.decoded["device"] += counts.device
+        self.decoded["workers"] += counts.workers
+        for path, reason in counts.cpu:
+            self.decoded["cpu"] += 1
+            if self.decoded["cpu"] <= CPU_FALLBACKS_NAMED:
+                log.warning("--decode device: the device decoder refused %s (%s); decoded on the CPU instead%s",
+                            path, reason,
+                            " (further refusals are only counted)" if self.decoded["cpu"] == CPU_FALLBACKS_NAMED
+                            else "")
 
     def take_wait_s(self) -> float:
         seconds, self.wait_s = self.wait_s, 0.0

@@ -6,8 +6,12 @@ libjpeg-turbo through torchvision.io and the crop resized by torch's uint8 antia
 both faster than PIL's (docs/benchmarks.md, "How fast is the input"). A box at least 4x the
 output on both sides is decoded by PIL at a reduced DCT scale instead (draft(): most of a large
 photo's pixels are never decoded), the one case where that beats the full decode. The flip and the
-normalisation run on the device
-(device_input.DeviceTransform).
+normalisation run on the device (device_input.DeviceTransform).
+
+With --decode device a JPEG that the device's decoder takes (jpeg_header.read_frame) travels as
+its bytes and box and is decoded there (decode_crops); every other file (a PNG named .JPEG, a
+CMYK JPEG, ...) is decoded here as above, so one odd file in a million costs one worker decode
+instead of the run.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import functools
 import io
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from distributed_step.config import ConfigError
+from distributed_step.data.jpeg_header import read_frame
 from distributed_step.data.keys import sample_seed, split_key
 
 TORCHVISION_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")  # PIL's names of what torchvision.io decodes
@@ -70,12 +76,22 @@ class ImageFiles(Dataset):
             flip = int(torch.randint(2, (), generator=g))
         else:
             chooser = self._centre_box
-        if self.on_device:  # the file's bytes and the box; decode_crops() does the rest on the device
-            encoded, (width, height) = _jpeg_bytes(path)
-            left, top, w, h = (round(v) for v in chooser(width, height))
-            return encoded, label, torch.tensor((0, 0, flip, left, top, w, h, i), dtype=torch.int32)
+        if self.on_device:
+            return self._for_device(path, label, chooser, flip, i)
         pixels = decode_crop(path, chooser, self.size, reduce=self.reduced_decode)
         return pixels, label, torch.tensor((0, 0, flip), dtype=torch.int16)
+
+    def _for_device(self, path: str, label: int, chooser, flip: int, i: int):
+        """--decode device: a JPEG the device decoder takes travels as the file's bytes and its box
+        (decode_crops() does the rest there); any other file is decoded here, into the same crop
+        as --decode workers gives, and travels as that. params' box columns are 0 for the latter."""
+        data = _read(path)
+        frame = read_frame(data)
+        if frame is not None and frame.device_decodable:
+            left, top, w, h = (round(v) for v in chooser(frame.width, frame.height))
+            return torch.frombuffer(data, dtype=torch.uint8), label, _device_params(flip, left, top, w, h, i)
+        pixels = decode_crop(path, chooser, self.size, reduce=self.reduced_decode, data=data)
+        return pixels, label, _device_params(flip, 0, 0, 0, 0, i)
 
     def _centre_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         side = self.size * min(width, height) / (self.size * RESIZE_RATIO)
@@ -109,14 +125,14 @@ def read_image(path: str):
         raise _unreadable(path, exc) from None
 
 
-def decode_crop(path: str, chooser, size: int, reduce: bool = True) -> torch.Tensor:
+def decode_crop(path: str, chooser, size: int, reduce: bool = True, data: bytearray | None = None) -> torch.Tensor:
     """uint8 (3, size, size): the box chooser(width, height) -> (left, top, w, h) of `path`,
-    resized with antialiasing. `reduce` lets a JPEG decode at a reduced scale where that pays."""
+    resized with antialiasing. `reduce` lets a JPEG decode at a reduced scale where that pays.
+    `data`: the file's bytes when the caller has already read them."""
     from PIL import Image
 
+    data = _read(path) if data is None else data
     try:
-        with open(path, "rb") as fh:
-            data = bytearray(fh.read())  # writable: torch.frombuffer shares it
         header = Image.open(io.BytesIO(data))  # parses the header only
         width, height = header.size
         left, top, w, h = chooser(width, height)
@@ -158,33 +174,68 @@ def _unreadable(path: str, exc: BaseException) -> UnreadableImage:
     return UnreadableImage(f"unreadable image {path} ({type(exc).__name__}: {exc}); fix or remove the file")
 
 
-def _jpeg_bytes(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(the file as a uint8 tensor, (width, height) from its header); JPEG only."""
-    from PIL import Image
-
+def _read(path: str) -> bytearray:
+    """The file's bytes, writable (torch.frombuffer shares them), or UnreadableImage."""
     try:
         with open(path, "rb") as fh:
-            data = bytearray(fh.read())
-        header = Image.open(io.BytesIO(data))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return bytearray(fh.read())
+    except OSError as exc:
         raise _unreadable(path, exc) from None
-    if header.format != "JPEG":
-        raise UnreadableImage(f"--decode device decodes JPEG files only: {path} is {header.format}; "
-                              "convert it, or use --decode workers")
-    return torch.frombuffer(data, dtype=torch.uint8), header.size
+
+
+def _device_params(flip: int, left: int, top: int, w: int, h: int, index: int) -> torch.Tensor:
+    return torch.tensor((0, 0, flip, left, top, w, h, index), dtype=torch.int32)
 
 
 def collate_encoded(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """A batch of --decode device samples: the files' bytes stay a list (their lengths differ)."""
-    encoded, labels, params = zip(*batch)
-    return list(encoded), torch.tensor(labels), torch.stack(params)
+    """A batch of --decode device samples: a list (the files' lengths differ) of JPEG bytes
+    (1-D) and crops the worker decoded (3-D), in the batch's order."""
+    items, labels, params = zip(*batch)
+    return list(items), torch.tensor(labels), torch.stack(params)
 
 
-def decode_crops(encoded: list[torch.Tensor], params: torch.Tensor, size: int, device: torch.device,
-                 samples: list[tuple[str, int]]) -> torch.Tensor:
-    """float (N, 3, size, size) in 0-255 on `device`: the JPEGs decoded as one batch there
-    (nvjpeg on CUDA, libjpeg-turbo on CPU) and each sample's box resized with antialiasing.
-    params rows: (0, 0, flip, left, top, w, h, index into samples), on the host."""
+@dataclass
+class DecodeCounts:
+    """Where a batch's samples were decoded. `cpu`: (path, the decoder's error) of each file the
+    device decoder refused although its header passed read_frame(), decoded on the host instead."""
+    device: int = 0
+    workers: int = 0
+    cpu: list[tuple[str, str]] = field(default_factory=list)
+
+
+def decode_crops(items: list[torch.Tensor], params: torch.Tensor, size: int, device: torch.device,
+                 samples: list[tuple[str, int]]) -> tuple[torch.Tensor, DecodeCounts]:
+    """(float (N, 3, size, size) in 0-255 on `device`, where each was decoded). The JPEGs' bytes
+    are decoded as one batch there (nvjpeg on CUDA, libjpeg-turbo on CPU) and each sample's box
+    resized with antialiasing; crops the workers decoded are copied as they are. A JPEG the device
+    decoder refuses is decoded on the host from its file, with the same box, rather than ending
+    the run; only a file no decoder reads raises UnreadableImage. params rows: (0, 0, flip, left,
+    top, w, h, index into samples), on the host."""
+    rows = params.tolist()
+    jpegs = [k for k, item in enumerate(items) if item.dim() == 1]
+    decoded = _decode_jpegs([items[k] for k in jpegs], device)
+    crops: list[torch.Tensor | None] = [None] * len(items)
+    counts = DecodeCounts(workers=len(items) - len(jpegs))
+    for k, image in zip(jpegs, decoded):
+        _, _, _, left, top, w, h, index = rows[k]
+        if isinstance(image, Exception):  # refused: the host's decoders, as --decode workers uses them
+            path = samples[index][0]
+            box = decode_crop(path, lambda *_, b=(left, top, w, h): b, size)
+            crops[k] = box.to(device).unsqueeze(0).float()
+            counts.cpu.append((path, f"{type(image).__name__}: {image}"))
+            continue
+        crops[k] = F.interpolate(image[:, top:top + h, left:left + w].unsqueeze(0).float(), size=(size, size),
+                                 mode="bilinear", antialias=True, align_corners=False)
+        counts.device += 1
+    for k, item in enumerate(items):
+        if crops[k] is None:  # the worker's crop
+            crops[k] = item.to(device, non_blocking=True).unsqueeze(0).float()
+    return torch.cat(crops), counts
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+    """The images decoded on `device`, as one batch; if the batch call raises, one by one, with
+    the error in place of each file the decoder refuses (the batch call does not say which)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def decode(data):
@@ -192,16 +243,16 @@ def decode_crops(encoded: list[torch.Tensor], params: torch.Tensor, size: int, d
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
+    if not encoded:
+        return []
     try:
-        images = decode(encoded)
-    except RuntimeError:
-        for data, row in zip(encoded, params.tolist()):  # find the file to name
-            try:
-                decode(data)
-            except RuntimeError as exc:
-                raise _unreadable(samples[row[7]][0], exc) from None
-        raise
-    crops = [F.interpolate(image[:, top:top + h, left:left + w].unsqueeze(0).float(), size=(size, size),
-                           mode="bilinear", antialias=True, align_corners=False)
-             for image, (_, _, _, left, top, w, h, _) in zip(images, params.tolist())]
-    return torch.cat(crops)
+        return list(decode(encoded))
+    except (RuntimeError, ValueError):
+        pass
+    images = []
+    for data in encoded:
+        try:
+            images.append(decode(data))
+        except (RuntimeError, ValueError) as exc:
+            images.append(exc)
+    return images
