@@ -20,7 +20,7 @@ for i in $(seq "$rounds"); do
   torchrun --standalone --nproc_per_node=2 -m distributed_step train $flags --out "$work/t$i" >/dev/null 2>&1
   t1=$(date +%s.%N)
   ray job submit --address http://127.0.0.1:8299 --working-dir . -- \
-      python launch/ray_job.py --num-workers 2 $flags --out "$work/r$i" >/dev/null 2>&1
+      python -m distributed_step ray --num-workers 2 $flags --out "$work/r$i" >/dev/null 2>&1
   t2=$(date +%s.%N)
   printf 'round %d  torchrun %.1f s %s img/s   ray job submit %.1f s %s img/s\n' "$i" \
       "$(python -c "print($t1 - $t0)")" "$(ips "$work/t$i")" "$(python -c "print($t2 - $t1)")" "$(ips "$work/r$i")"

@@ -1,6 +1,6 @@
 """train(config) -> Summary: the one loop that torchrun, Ray Train and Kubernetes pods all run.
 
-    detect the world -> validate -> datasets -> model -> dist.setup -> placement -> Run:
+    detect the world -> validate -> datasets -> model -> process group -> placement -> Run:
         loaders -> resume -> DDP -> [ batch -> step -> agree -> log / eval / checkpoint ] -> model.pt
 
 Datasets and the model are built before the process group on purpose: every check that can
@@ -314,7 +314,7 @@ class Run:
         return loss
 
     def _agree(self, stop_requested: bool, loss: torch.Tensor) -> bool:
-        """One small asynchronous all-reduce per step (agreement.py): does any rank want to stop
+        """One small asynchronous all-reduce per step (parallel/step_flags.py): does any rank want to stop
         (SIGTERM), is any rank's loss not finite? Read a step late, except before this step
         writes, evaluates or logs anything. Returns whether to stop, the same on every rank."""
         self.flags.post(self.step, stop_requested, loss)

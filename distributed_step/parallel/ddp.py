@@ -11,7 +11,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_step.config import TrainConfig
-from distributed_step.parallel import hook_policy as linkcheck
+from distributed_step.parallel import hook_policy
 from distributed_step.parallel.process_group import DistEnv
 
 
@@ -24,7 +24,7 @@ def wrap(net: nn.Module, env: DistEnv, cfg: TrainConfig, hook: str | None = None
         return net
     hook, report = hook or cfg.comm_hook, None
     if hook == "auto":  # measured before DDP exists: its buckets would otherwise be in the timing
-        report = linkcheck.measure(net, env.world_size, env.device, cfg)
+        report = hook_policy.measure(net, env.world_size, env.device, cfg)
         hook = report.hook
     model = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None,
                 bucket_cap_mb=cfg.bucket_cap_mb,

@@ -314,9 +314,9 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     if "--input" in argv:
-        from distributed_step.tools import input_bench as loaderbench
+        from distributed_step.tools import input_bench
 
-        return loaderbench.main(argv)
+        return input_bench.main(argv)
     args = vars(build_parser().parse_args(argv))
     for name in ("steps", "rounds"):
         if args[name] < 1:

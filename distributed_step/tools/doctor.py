@@ -12,7 +12,7 @@ straggler rule of `train`: 1.15x off the lower median), its own training step, m
 copy speed; the all-reduce within each host against the best host's; and whether every rank
 holds identical parameters after one real training step. Across hosts: the all-reduce bandwidth
 between them (one rank per host), and the --comm-hook that `auto` would choose for the step of
---image-size and --global-batch-size (linkcheck.py: exact unless over 5% of the step would
+--image-size and --global-batch-size (parallel/hook_policy.py: exact unless over 5% of the step would
 wait). The exit code is 1 when a check fails outright (replicas differ), else 0.
 """
 from __future__ import annotations
@@ -31,8 +31,7 @@ from distributed_step.model import build_model
 from distributed_step.observe.clock import PhaseClock
 from distributed_step.observe.stragglers import THRESHOLD, lower_median
 from distributed_step.optim import sgd
-from distributed_step.parallel import ddp, placement
-from distributed_step.parallel import hook_policy as linkcheck
+from distributed_step.parallel import ddp, hook_policy, placement
 from distributed_step.parallel.process_group import (
     all_gather_object,
     detect,
@@ -243,7 +242,7 @@ def run_checks(cfg: TrainConfig, repeats: int) -> Report | None:
                 "step_ms": _own_step_ms(env, cfg, net), **_device_speed(env)}
         speeds = all_gather_object(mine, env)
         between = _between_hosts_gbit(env, facts, repeats) if len({f["host"] for f in facts}) > 1 else None
-        advice = linkcheck.measure(net, env.world_size, env.device, cfg) if env.distributed else None
+        advice = hook_policy.measure(net, env.world_size, env.device, cfg) if env.distributed else None
         digests = all_gather_object(_one_step_digest(env, cfg, net), env)
     finally:
         teardown(env)

@@ -13,8 +13,8 @@ holds. Read from the operators' sources (not copied):
   pkg/constants TorchRunReservedEnvNames) refuses the PET_* it injects in spec.trainer.env. The
   schema bounds the manager's length only, so strict validation passes what the webhook refuses.
 - RayJob (KubeRay v1.7): worker groups with minReplicas <= replicas <= maxReplicas; the
-  entrypoint runs in the job's working directory, the raylet's, so its script is named by the
-  image's absolute path.
+  entrypoint runs in the job's working directory, the raylet's, so it runs the installed
+  launcher (`python -m distributed_step ray`), never a script by a relative path.
 - An Indexed Job with a headless Service whose pods find each other by name.
 
 `operator_errors` returns a list of messages, empty when all holds.

@@ -40,7 +40,7 @@ IMAGE_PATHS = {"/app": ROOT}         # its WORKDIR, where the Dockerfiles put th
 POD_MARKER = "DS_K8S_POD"            # set in every emulated pod; inherited by all its processes
 DNS_ENV = "DS_K8S_DNS"               # the folder of names that resolve now, one empty file a name
 NSLOOKUP = """#!/bin/sh
-# nslookup as the cluster's DNS answers here: a name resolves while its file exists (tests/k8s/network.py).
+# nslookup as the cluster's DNS answers here: a name resolves while its file exists (testing/k8s/network.py).
 if [ -n "$1" ] && [ -e "$DS_K8S_DNS/$1" ]; then echo "Name: $1"; echo "Address: 127.0.0.1"; exit 0; fi
 echo "** server can't find $1: NXDOMAIN" >&2
 exit 1

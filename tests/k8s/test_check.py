@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from testing.k8s import check
 from testing.k8s.render import K8S, VARIANTS, need_kubectl, need_schemas
 from tests.helpers import ROOT
-from testing.k8s import check
 
 pytestmark = pytest.mark.k8s
 

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 STEPS = 6
 HOST_LAST_S = 65  # longer than torch's default read_timeout, 60 s
-# conftest's TINY flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
+# tests.helpers.TINY's flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
 # 2 steps: a pod killed after the first one has 4 steps left to lose.
 TINY_CONFIG = {**{k.lstrip("-").replace("-", "_"): v for k, v in zip(TINY[::2], TINY[1::2])},
                "steps": STEPS, "checkpoint_every": 2, "timeout_s": 120}

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from testing.k8s import render
 from testing.k8s.render import K8S, REQUIRE_ENV, need_kubectl, need_schemas
 from tests.helpers import ROOT, free_port
-from testing.k8s import render
 
 pytestmark = pytest.mark.k8s
 
