@@ -270,5 +270,8 @@ RUN_FACTS = ("world_size", "numerics", "comm_hook_chosen", "link")
 
 
 def save_yaml(config: TrainConfig, path: str, extra: dict) -> None:
+    """config.yaml of a run: the configuration and the run facts beside it, readable by --config."""
+    if set(extra) - set(RUN_FACTS):  # else --config would refuse the file this writes
+        raise ValueError(f"not in RUN_FACTS: {sorted(set(extra) - set(RUN_FACTS))}")
     with open(path, "w") as fh:
         yaml.safe_dump({**config.to_dict(), **extra}, fh, sort_keys=False)

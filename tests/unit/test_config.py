@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from distributed_step.config import ConfigError, TrainConfig, build_parser, parse_args
+from distributed_step.config import ConfigError, TrainConfig, build_parser, parse_args, save_yaml
 
 
 def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path):
@@ -70,8 +70,9 @@ def test_every_field_has_a_flag_and_help_but_debug_flags_stay_hidden():
 
 
 def test_epochs_flag_wins_over_yaml_steps_and_run_facts_are_ignored(tmp_path):
-    cfg_file = tmp_path / "config.yaml"  # as a run directory writes it
-    cfg_file.write_text(yaml.safe_dump({**TrainConfig(steps=100).to_dict(), "world_size": 4}))
+    cfg_file = tmp_path / "config.yaml"  # as a run directory writes it, with every run fact
+    save_yaml(TrainConfig(steps=100), str(cfg_file), {"world_size": 4, "numerics": {"tf32": False},
+                                                     "comm_hook_chosen": "bf16", "link": {"hook": "bf16"}})
     assert parse_args(["--config", str(cfg_file)]).steps == 100
     cfg = parse_args(["--config", str(cfg_file), "--epochs", "3"])
     assert cfg.steps == 0 and cfg.epochs == 3
