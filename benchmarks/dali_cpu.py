@@ -1,5 +1,5 @@
 """NVIDIA DALI's CPU backend on the JPEG fixture of `bench --input`, for the comparison in
-docs/benchmarks.md ("Input"). DALI is not a dependency: install it beside, e.g.
+docs/benchmarks.md ("Tried and dropped"). DALI is not a dependency: install it beside, e.g.
     python3 -m venv /tmp/dalienv && /tmp/dalienv/bin/pip install nvidia-dali-cuda130 numpy
     /tmp/dalienv/bin/python benchmarks/dali_cpu.py /tmp/jpegs [THREADS]
 It decodes with the crop fused into the decode (image_random_crop: RandomResizedCrop's box),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures of docs/benchmarks.md ("The step against its bound"): each command runs one
+# The figures of docs/benchmarks.md ("How fast is the step, and where do its milliseconds go?" and the knob tables): each command runs one
 # `bench` whose variants and modes are interleaved in the same processes. JSON lines go to
 # docs/bench/, charts to docs/img/.   bash benchmarks/step_vs_bound.sh [STEPS] [ROUNDS]
 set -euo pipefail

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from distributed_step.config import TrainConfig
 from distributed_step.data.datasets import Datasets
 
-PREFETCH_BATCHES = 2  # per worker (torch's default); see docs/benchmarks.md, "Input"
+PREFETCH_BATCHES = 2  # per worker (torch's default); see docs/benchmarks.md, "How fast is the input?"
 
 
 class ResumableSampler(DistributedSampler):
