@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The figures of docs/benchmarks.md ("How fast is the step, and where do its milliseconds go?" and the knob tables): each command runs one
-# `bench` whose variants and modes are interleaved in the same processes. JSON lines go to
-# docs/bench/, charts to docs/img/.   bash benchmarks/step_vs_bound.sh [STEPS] [ROUNDS]
+# The figures of docs/benchmarks.md ("How fast is the step, and where do its milliseconds go?"
+# and the knob tables): each command runs one `bench` whose variants and modes are interleaved
+# in the same processes. JSON lines go to docs/bench/, charts to docs/img/.
+#   bash benchmarks/step_vs_bound.sh [STEPS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5} rounds=${2:-3}
