@@ -57,6 +57,17 @@ def shared_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.fixture(scope="session")
+def gloo_world():
+    """Two ranks in one gloo process group, started once a session: `gloo_world.run(fn, *args)`
+    runs a module-level function on both and returns its results by rank (testing/world.py)."""
+    from testing.world import World  # imports torch only when a test asks for the world
+
+    world = World(2).start()
+    yield world
+    world.close()
+
+
 @pytest.fixture
 def two_hosts():
     """Two hosts at 10.213.77.1 and .2, unshaped; the test may reshape the links (net.shape)."""
