@@ -97,9 +97,9 @@ def _unreachable_master() -> int | None:
 def _explain(exc: BaseException, config) -> tuple[str, int]:
     """(one line, exit code) for a failure of `train`: 2 for bad input, 1 for the rest."""
     from distributed_step.config import ConfigError
+    from distributed_step.outcome import TrainingError
     from distributed_step.parallel.preemption import sigterm_received
-    from distributed_step.parallel.process_group import RendezvousError
-    from distributed_step.train import TrainingError
+    from distributed_step.parallel.process_group import RendezvousError, is_peer_failure
 
     if isinstance(exc, ConfigError):  # bad input: the message names the flag, path or variable
         return str(exc), 2
@@ -115,7 +115,7 @@ def _explain(exc: BaseException, config) -> tuple[str, int]:
         per_rank = config.global_batch_size // int(os.environ.get("WORLD_SIZE", "1") or 1)
         return (f"out of memory at --image-size {config.image_size} with {per_rank} images per rank "
                 f"(--global-batch-size {config.global_batch_size}): lower one of them ({text[:160]})"), 1
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError") or "/gloo/" in text:
+    if is_peer_failure(exc):
         return (f"a collective failed: another rank stopped or the network broke; the first rank's error "
                 f"is the cause ({text[:200]})"), 1
     if sigterm_received():  # the launcher is stopping this rank: whatever broke, broke because of it

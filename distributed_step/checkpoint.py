@@ -64,11 +64,13 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(state: dict, out: str, keep: int) -> str:
-    """Rank 0 only. Writes checkpoints/step_NNNNNNNN.pt, then deletes all but the newest `keep`."""
+def save_checkpoint(state: dict, out: str, keep: int, tidy: bool = True) -> str:
+    """One writer (rank 0, or the survivor that claimed it: recovery.py). Writes
+    checkpoints/step_NNNNNNNN.pt, then deletes all but the newest `keep`. `tidy` also removes
+    the temporary files of saves a crash cut short; never while another survivor may be writing."""
     folder = checkpoint_dir(out)
     os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):
+    for name in os.listdir(folder) if tidy else ():
         if ".pt.tmp." in name:  # left by a save that a crash cut short
             os.remove(os.path.join(folder, name))
     path = os.path.join(folder, f"step_{state['step']:08d}.pt")
@@ -79,7 +81,8 @@ def save_checkpoint(state: dict, out: str, keep: int) -> str:
         raise OSError(errno.ENOSPC, f"{free / 1e6:.0f} MB free where a checkpoint needs about {needed / 1e6:.0f} MB")
     save_atomic(state, path)
     for _, old in list_checkpoints(out)[keep:]:
-        os.remove(old)
+        with contextlib.suppress(FileNotFoundError):  # two survivors without a store both prune
+            os.remove(old)
     return path
 
 

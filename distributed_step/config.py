@@ -90,8 +90,11 @@ class TrainConfig:
     profile_steps: str = _opt("", "A:B: record steps A to B with torch.profiler into <out>/profile/rank<N>.json")
     profile_ranks: str = _opt("all", "ranks that --profile-steps records: all, or a comma list like 0,3")
     # Debugging (hidden from --help): fault injection for the tests and for drills
-    fail_once_at_step: int = _opt(0, "the highest rank dies abruptly at this step, once per --out (0: off)",
+    fail_once_at_step: int = _opt(0, "a rank dies abruptly (SIGKILL) at this step, once per --out (0: off)",
                                   debug=True)
+    fail_rank: int = _opt(-1, "the rank --fail-once-at-step kills (-1: the highest)", debug=True)
+    fail_phase: str = _opt("before-forward", "where in the step --fail-once-at-step kills it",
+                           ("before-forward", "backward", "optimizer", "flags"), debug=True)
     stall_at_step: int = _opt(0, "the highest rank stops joining collectives at this step (0: off)", debug=True)
     slow_rank: str = _opt("", "RANK:MS: that rank sleeps MS ms in every step's forward (a straggler drill)",
                           debug=True)

@@ -14,13 +14,14 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from distributed_step import checkpoint as ckpt
-from distributed_step import faults, rundir
+from distributed_step import faults, recovery, rundir
+from distributed_step.cadence import duties
 from distributed_step.config import ConfigError, TrainConfig, save_yaml
 from distributed_step.data.datasets import build_datasets, check_batch_fits
 from distributed_step.data.device_input import DeviceFeed
@@ -32,6 +33,7 @@ from distributed_step.observe.metrics import JsonlLog, LossMeter, Throughput, ev
 from distributed_step.observe.profiling import StepProfiler
 from distributed_step.observe.stragglers import StragglerWatch
 from distributed_step.optim import lr_factor, sgd
+from distributed_step.outcome import Summary, TrainingError
 from distributed_step.parallel import ddp, numerics, placement
 from distributed_step.parallel.numerics import amp
 from distributed_step.parallel.preemption import StopRequest
@@ -42,6 +44,7 @@ from distributed_step.parallel.process_group import (
     broadcast_buffers_,
     broadcast_object,
     detect,
+    is_peer_failure,
     setup,
     state_digest,
     teardown,
@@ -49,52 +52,6 @@ from distributed_step.parallel.process_group import (
 from distributed_step.parallel.step_flags import StepFlags
 from distributed_step.parallel.syncbn import convert_sync_batchnorm
 from distributed_step.step import train_step
-
-
-@dataclass(frozen=True)
-class Duties:
-    """What a finished step must do before the next: the one place that decides it."""
-    log: bool
-    evaluate: bool
-    checkpoint: bool
-    last: bool
-
-    @property
-    def writes(self) -> bool:
-        """Does anything leave this step (a log line, an evaluation, a file)? Then the step
-        flags are settled first: nothing is written from a step a rank found not finite."""
-        return self.log or self.evaluate or self.checkpoint or self.last
-
-
-def duties(cfg: TrainConfig, step: int, total_steps: int, stopping: bool) -> Duties:
-    """Log every --log-every steps, evaluate every --eval-every (the last step's evaluation is
-    the final one), checkpoint every --checkpoint-every; a stop logs and checkpoints at once."""
-    last = step == total_steps
-    return Duties(log=step % cfg.log_every == 0 or last or stopping,
-                  evaluate=bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last,
-                  checkpoint=stopping or (bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0),
-                  last=last)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, disagreeing ranks); the message names the step."""
-
-
-@dataclass
-class Summary:
-    status: str  # "complete" or "preempted"
-    world_size: int
-    steps: int
-    epochs: float
-    final_loss: float | None
-    wall_time_s: float
-    images_per_s: float | None
-    resumed_from: str | None = None
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    eval_samples: int | None = None
-    replica_digests: list = field(default_factory=list)
-    stragglers: list = field(default_factory=list)  # each slow-rank episode (stragglers.py)
 
 
 def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None) -> Summary:
@@ -172,6 +129,10 @@ class Run:
         self.clock.watch_gradients(self.net)
         self.stragglers, self.profiler = StragglerWatch(env), StepProfiler(cfg, env.rank, env.device)
         self.watch = evidence.HangWatch(cfg.out, cfg.timeout_s)  # stacks if this rank stops moving
+        # A peer's failure costs at most the step it interrupts (recovery.py): the running
+        # statistics of before each forward, and whether a step is under way.
+        self.snapshot, self.in_step = recovery.BufferSnapshot(self.net), False
+        faults.arm(cfg, self.net, self.optimizer, lambda: self.step + 1, env.rank, env.world_size)
         self.bar = None  # the progress bar, on rank 0 of an interactive terminal (_announce)
 
     # --- the checkpoint state, written and read in one place --------------------------------
@@ -252,20 +213,30 @@ class Run:
             self.profiler.close()
 
     def _fit(self) -> Summary:
-        # SIGTERM stays a flag until the end: the final checkpoint and model.pt are written too.
+        # SIGTERM stays a flag until the end: the final checkpoint and model.pt are written too,
+        # and so is a survivor's checkpoint, which the launcher's SIGTERM must not cut short.
         with StopRequest() as stop:
-            for images, labels in self._batches():  # ends after the last step, or once the ranks agree to stop
-                loss = self._step(images, labels)
-                self.stopping = self._agree(stop.requested, loss)
-                self._after_step(loss)
-            if self.bar is not None:
-                self.bar.close()
-            if self.stopping:
-                log.info("stopped by SIGTERM at step %d; checkpoint saved; run again to resume", self.step)
-                return self._finish("preempted", final=False)
-            if self.saved_step != self.step:
-                self._checkpoint()  # never lose a finished step
-            return self._finish("complete", final=True)
+            try:
+                return self._loop(stop)
+            except Exception as exc:
+                if is_peer_failure(exc):  # the survivors hold the last finished step: save it
+                    recovery.save_for_restart(self.state_dict, self.net, self.snapshot, self.in_step, self.step,
+                                              self.saved_step, self.env, self.cfg.out, self.cfg.keep_checkpoints)
+                raise
+
+    def _loop(self, stop: StopRequest) -> Summary:
+        for images, labels in self._batches():  # ends after the last step, or once the ranks agree to stop
+            loss = self._step(images, labels)
+            self.stopping = self._agree(stop.requested, loss)
+            self._after_step(loss)
+        if self.bar is not None:
+            self.bar.close()
+        if self.stopping:
+            log.info("stopped by SIGTERM at step %d; checkpoint saved; run again to resume", self.step)
+            return self._finish("preempted", final=False)
+        if self.saved_step != self.step:
+            self._checkpoint()  # never lose a finished step
+        return self._finish("complete", final=True)
 
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
@@ -292,7 +263,7 @@ class Run:
             self.loader.sampler.set_position(epoch, done)
             self.timer.begin()
             for images, labels in self.feed(itertools.islice(self.loader, self.total_steps - self.step)):
-                faults.inject(self.cfg, self.step + 1, self.env.rank, self.env.world_size)
+                faults.inject(self.cfg, self.step + 1, self.env.rank, self.env.world_size, "before-forward")
                 self.watch.beat()
                 yield images, labels
                 if self.stopping:
@@ -304,12 +275,15 @@ class Run:
         self.profiler.before(self.step + 1)
         self.clock.start()
         faults.slow_down(self.cfg, self.env.rank)  # inside the forward phase
+        self.snapshot.take()
+        self.in_step = True
         loss = train_step(self.model, self.optimizer, images, labels, self.loss_fn, self.clock,
                           accum=cfg.grad_accum, precision=self.precision, scaler=self.scaler,
                           clip_grad=cfg.clip_grad)
         self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
+        self.in_step = False
         self.profiler.after(self.step)
         return loss
 
@@ -318,6 +292,7 @@ class Run:
         (SIGTERM), is any rank's loss not finite? Read a step late, except before this step
         writes, evaluates or logs anything. Returns whether to stop, the same on every rank."""
         self.flags.post(self.step, stop_requested, loss)
+        faults.inject(self.cfg, self.step, self.env.rank, self.env.world_size, "flags")
         if duties(self.cfg, self.step, self.total_steps, stopping=False).writes or self.flags.stop:
             self.flags.settle()  # (on a stop too: its checkpoint must not hold this step if it was not finite)
         if self.flags.non_finite_step is not None:

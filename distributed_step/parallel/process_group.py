@@ -43,6 +43,7 @@ class DistEnv(World):
     """The world once joined: the backend in use, and whether setup() created the group."""
     backend: str
     owns_group: bool  # True when setup() created the group (so teardown() destroys it)
+    store: dist.Store | None = None  # the store the group formed through, when setup() made it
 
     @property
     def is_main(self) -> bool:
@@ -127,7 +128,7 @@ def setup(world: World, backend: str = "auto", timeout_s: float = 300.0, socket_
         raise RendezvousError(
             f"could not join the process group at MASTER_ADDR={addr} MASTER_PORT={port} within "
             f"--timeout-s {timeout_s:g} ({str(exc).splitlines()[0][:200]})") from None
-    return DistEnv(**vars(world), backend=backend, owns_group=True)
+    return DistEnv(**vars(world), backend=backend, owns_group=True, store=store)
 
 
 def _store(addr: str, port: int, rank: int, world_size: int, loopback: str | None, timeout_s: float) -> dist.Store:
@@ -228,6 +229,15 @@ def all_gather_object(obj, env: DistEnv) -> list:
     out = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+PEER_FAILURES = ("DistBackendError", "DistNetworkError", "DistStoreError")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Did a collective fail because another rank died, stopped answering or lost the network
+    (rather than because of something on this rank)?"""
+    return type(exc).__name__ in PEER_FAILURES or "/gloo/" in str(exc)
 
 
 def time_all_reduce(numel: int, device: torch.device, group=None, repeats: int = 3) -> float:

@@ -84,6 +84,9 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_and_every_rank_leaves_it
     assert "distributed_step/step.py" in waiting or "distributed_step/parallel/step_flags.py" in waiting, waiting
     report = (out / "errors" / "rank0.txt").read_text()
     assert "a collective failed" in report and "Traceback" in report
+    # The survivor saved the last finished step once the wait timed out (recovery.py).
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    assert "a peer failed; saved the last finished step, 2" in proc.output
     summary_part = proc.output[proc.output.index("Root Cause"):]
     assert "rank      : 0" in summary_part and "<N/A>" not in summary_part
     assert "a collective failed" in summary_part and f"report: {out}/errors/rank0.txt" in summary_part

@@ -87,12 +87,12 @@ def test_run_directory_explains_itself(runs):
 
 
 def test_crash_and_restart_is_bit_exact(runs):
-    """Rank 1 is SIGKILLed before step 6; torchrun restarts both; they resume from step 4 (mid-epoch)
-    and step 5, logged before the crash, is logged again: once in metrics.jsonl and TensorBoard."""
+    """Rank 1 is SIGKILLed before step 6; rank 0 saves step 5, the last finished (recovery.py),
+    torchrun restarts both, and they resume from it: each step once in metrics.jsonl and TensorBoard."""
     assert (runs.crashed / ".failed_once_at_step_6").exists()
     assert "killing this rank now" in runs.crash_log
     result = summary(runs.crashed)
-    assert result["resumed_from"].endswith("step_00000004.pt") and result["steps"] == 6
+    assert result["resumed_from"].endswith("step_00000005.pt") and result["steps"] == 6
     reference, resumed = load_weights(runs.two / "model.pt"), load_weights(runs.crashed / "model.pt")
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     # the restarted run logged each step once, with the uninterrupted run's losses
@@ -103,7 +103,7 @@ def test_crash_and_restart_is_bit_exact(runs):
     board = EventAccumulator(str(runs.crashed / "tensorboard"))
     board.Reload()
     curve = [(e.step, e.value) for e in board.Scalars("train/loss")]
-    assert [step for step, _ in curve] == [1, 2, 3, 4, 5, 6]  # the crashed run's step 5 was purged
+    assert [step for step, _ in curve] == [1, 2, 3, 4, 5, 6]
     assert all(value == pytest.approx(loss, rel=1e-6) for (_, value), (_, loss) in zip(curve, logged))
     assert {"speed/data_ms", "speed/images_per_s", "train/lr", "eval/accuracy"} <= set(board.Tags()["scalars"])
 

@@ -21,7 +21,7 @@ LAYERS = [
     {"data"},
     {"parallel"},
     {"observe"},
-    {"model", "optim", "step", "checkpoint", "rundir", "faults"},  # the core the loop is made of
+    {"model", "optim", "step", "checkpoint", "rundir", "faults", "cadence", "outcome", "recovery"},  # the loop's parts
     {"train"},
     {"tools", "launch"},
     {"__main__", "__init__"},
