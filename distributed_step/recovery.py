@@ -78,6 +78,7 @@ def save_for_restart(state_dict, net: nn.Module, snapshot: BufferSnapshot, inter
     if interrupted:
         snapshot.restore()  # the interrupted step's forward had moved them
     if saved_step == step:
+        log.warning("rank %d: a peer failed; the last finished step, %d, is on disk already", env.rank, step)
         return None
     if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
         log.error("rank %d: the weights of step %d are not finite; nothing saved", env.rank, step)

@@ -20,6 +20,7 @@ that were never interrupted.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -171,18 +172,21 @@ def assert_complete(run: Run) -> dict:
     return result
 
 
-def assert_resumed(run: Run) -> None:
-    """The killed pod was started again, and training went on from a checkpoint, not from 0."""
+def assert_resumed(run: Run, survivor: str) -> None:
+    """The killed pod was started again, and training went on from the last step finished before
+    the kill, which the surviving pod saved (distributed_step/recovery.py), not from 0."""
     result = assert_complete(run)
     assert [code for pod, _, code in run.outcome.exits if pod == run.killed] == [-9, 0], run.outcome.exits
+    said = re.search(r"a peer failed; (?:saved )?the last finished step, (\d+)", run.outcome.runs[survivor][0].output())
+    assert said, run.outcome.runs[survivor][0].output()[-3000:]
     resumed = int(result["resumed_from"].rsplit("step_", 1)[1][:8])
-    assert resumed >= 2 and result["resumed_from"].startswith(str(run.out)), result["resumed_from"]
+    assert resumed == int(said[1]) >= 2 and result["resumed_from"].startswith(str(run.out)), result["resumed_from"]
     assert [m["step"] for m in metrics(run.out) if "loss" in m][-1] == STEPS
 
 
 def test_indexed_job_pod_killed_mid_run_is_replaced_and_the_job_resumes(runs):
     job = ran(runs, "job")
-    assert_resumed(job)
+    assert_resumed(job, survivor="ds-job-0")
     # Pod 0 (the rendezvous host) lived on: its agent re-admitted the replacement pod 1.
     assert [code for pod, _, code in job.outcome.exits if pod == "ds-job-0"] == [0]
     assert "resumed from" in job.outcome.runs["ds-job-0"][0].output()
@@ -190,7 +194,7 @@ def test_indexed_job_pod_killed_mid_run_is_replaced_and_the_job_resumes(runs):
 
 def test_pytorchjob_master_killed_mid_run_every_pod_restarts_and_resumes(runs):
     pytorchjob = ran(runs, "pytorchjob")
-    assert_resumed(pytorchjob)
+    assert_resumed(pytorchjob, survivor="ds-pytorchjob-worker-0")
     # The worker's agent lost the rendezvous store with the master, failed, and was restarted
     # in place (restartPolicy OnFailure), within the job's backoffLimit.
     assert [code for pod, _, code in pytorchjob.outcome.exits if pod == "ds-pytorchjob-worker-0"] == [1, 0]
@@ -208,7 +212,7 @@ def test_elastic_pytorchjob_completes_with_its_rendezvous_host_started_last(runs
 
 def test_trainjob_node_killed_mid_run_both_restart_in_place_and_resume(runs):
     trainjob = ran(runs, "trainjob")
-    assert_resumed(trainjob)
+    assert_resumed(trainjob, survivor="ds-trainjob-node-0-0")
     # Static rendezvous: the surviving node's torchrun fails with its peer and restarts in place
     # too, and both meet again: 2 of the 6 restarts the runtime's Job allows (backoffLimit, >=).
     assert [code for pod, _, code in trainjob.outcome.exits if pod == "ds-trainjob-node-0-0"] == [1, 0]
