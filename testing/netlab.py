@@ -200,6 +200,16 @@ class Network:
                               f"({probe.stderr.strip()}); only the rate (tbf) can be emulated here")
         _run("ip", "netns", "exec", self.switch, "tc", "qdisc", "del", "dev", "br0", "root", check=False)
 
+    def kill_host(self, host: int) -> int:
+        """SIGKILL every process inside host `host`, as a node lost with all it runs; how many."""
+        pids = _run("ip", "netns", "pids", self.names[host], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        return len(pids)
+
     def sent_bytes(self, host: int) -> int:
         """Bytes host `host` has sent into its link (the kernel's counter of its interface)."""
         out = _run("ip", "-n", self.names[host], "-s", "-j", "link", "show", "ds0").stdout
@@ -218,19 +228,23 @@ class Network:
         return proc
 
     def torchrun(self, nproc: int, args: list[str], run_id: str = "netlab", local_addr: bool = True,
-                 torchrun_flags: tuple[str, ...] = (), on: list[int] | None = None, **kw) -> list[subprocess.Popen]:
+                 torchrun_flags: tuple[str, ...] = (), on: list[int] | None = None, nnodes: int | None = None,
+                 rendezvous_host: int | None = None, **kw) -> list[subprocess.Popen]:
         """torchrun on every host (or one agent per entry of `on`, a list of host indices), the
-        rendezvous (c10d) hosted by the first agent. `args` follow torchrun's flags (["-m",
-        "distributed_step", "train", ...]). local_addr=False leaves --local-addr out, as a user
-        who does not know about it would."""
+        rendezvous (c10d) hosted by the first agent, or by `rendezvous_host`'s agent started
+        earlier (a replaced node rejoining: `on=[1], nnodes=2, rendezvous_host=0`). `args` follow
+        torchrun's flags (["-m", "distributed_step", "train", ...]). local_addr=False leaves
+        --local-addr out, as a user who does not know about it would."""
         on = list(range(len(self.addrs))) if on is None else on
+        host_of_rendezvous = on[0] if rendezvous_host is None else rendezvous_host
         procs = []
         for i, host in enumerate(on):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(on)}",
+            is_host = host == host_of_rendezvous and i == on.index(host)
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes or len(on)}",
                    f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint={self.addrs[on[0]]}:{RENDEZVOUS_PORT}", f"--rdzv-id={run_id}",
+                   f"--rdzv-endpoint={self.addrs[host_of_rendezvous]}:{RENDEZVOUS_PORT}", f"--rdzv-id={run_id}",
                    *([f"--local-addr={self.addrs[host]}"] if local_addr else []),
-                   *(["--rdzv-conf=is_host=true"] if i == 0 else []), *torchrun_flags, *args]
+                   *(["--rdzv-conf=is_host=true"] if is_host else []), *torchrun_flags, *args]
             procs.append(self.popen(host, cmd, **kw))
         return procs
 

@@ -49,6 +49,15 @@ def run_ok(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedPr
     return proc
 
 
+def run_all_ok(cmds: list[list[str]], timeout: float = 300, at_once: int = 2, **kw) -> list:
+    """run_ok for each command, `at_once` of them side by side: a run spends much of its time
+    waiting (imports, rendezvous, restarts), so two share the 2 cores well. Results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(lambda cmd: run_ok(cmd, timeout, **kw), cmds))
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -255,7 +256,7 @@ def time_all_reduce(numel: int, device: torch.device, group=None, repeats: int =
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def broadcast_buffers_(module: torch.nn.Module, env: DistEnv) -> None:

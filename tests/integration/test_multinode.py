@@ -101,3 +101,40 @@ def test_a_loopback_master_across_hosts_is_named_at_once_and_one_host_is_not(tmp
     for proc, output in zip(same, same_outputs):
         assert proc.returncode == 0, output[-3000:]
     assert summary(tmp_path / "one")["world_size"] == 2
+
+
+def test_a_host_lost_with_every_process_costs_at_most_the_step_it_interrupted(two_hosts, tmp_path):
+    """Every process of host 1 SIGKILLed mid-run (its torchrun agent and its rank): host 0's rank
+    saves the last finished step (recovery.py), its agent restarts and waits in the rendezvous, a
+    replacement agent on host 1 rejoins, and both resume from that step to the weights of an
+    uninterrupted run (same ranks on one host)."""
+    flags = TINY + ["--steps", "8", "--checkpoint-every", "0"]
+    reference = tmp_path / "one_host"
+    run_ok(torchrun_cmd(2, flags + ["--out", str(reference)]))
+    out, env = tmp_path / "two_hosts", child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as docs/launching.md
+    argv = TRAIN + flags + ["--out", str(out)]
+    first = two_hosts.torchrun(1, argv, run_id="lost", torchrun_flags=("--max-restarts=1",), env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not [m for m in metrics_or_none(out) if m.get("step", 0) >= 3]:
+        time.sleep(0.1)
+    assert two_hosts.kill_host(1) >= 2  # the agent and its rank
+    killed_at = time.time()
+    second = two_hosts.torchrun(1, argv, run_id="lost", on=[1], nnodes=2, rendezvous_host=0, env=env)
+    outputs = two_hosts.wait([first[0], *second], timeout=240)
+    assert first[0].returncode == 0 and second[0].returncode == 0, outputs[0][-3000:] + outputs[1][-3000:]
+    said = re.search(r"a peer failed; (?:saved )?the last finished step, (\d+)", outputs[0])
+    assert said, outputs[0][-3000:]
+    result = summary(out)
+    assert result["steps"] == 8 and result["resumed_from"].endswith(f"step_{int(said[1]):08d}.pt")
+    assert int(said[1]) >= 3  # nothing finished before the kill was lost
+    a, b = load_weights(reference / "model.pt"), load_weights(out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first_new = next(m["time"] for m in metrics(out) if m.get("step") == int(said[1]) + 1 and "loss" in m)
+    print(f"host 1 lost at step {said[1]}: first new step {first_new - killed_at:.1f} s later")
+
+
+def metrics_or_none(out) -> list[dict]:
+    try:
+        return metrics(out)
+    except (FileNotFoundError, ValueError):  # not written yet, or a line being written
+        return []

@@ -7,33 +7,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import TINY, load_weights, metrics, run_ok, summary, torchrun_cmd
+from tests.helpers import TINY, load_weights, metrics, run_all_ok, summary, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
 # No periodic checkpoint: the survivor's is the only one a restart can resume from.
 FLAGS = TINY + ["--steps", "6", "--checkpoint-every", "0", "--lr", "0.01"]
 FINAL = "checkpoints/step_00000006.pt"
+# Each phase once, each rank twice: rank 0 (the store's host when torchrun's agent is not, and
+# the one whose BatchNorm statistics the run keeps) and the last rank.
+KILLS = [(0, "backward", 4), (1, "before-forward", 4), (0, "optimizer", 5), (1, "flags", 4)]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shared_tmp):
-    out = shared_tmp / "recovery_reference"
-    run_ok(torchrun_cmd(2, FLAGS + ["--out", str(out)]))
-    return load_weights(out / FINAL)
+def runs(shared_tmp):
+    """The uninterrupted run and one run per kill, two at a time (much of each is a restart's wait)."""
+    outs = [shared_tmp / "recovery_reference"] + [shared_tmp / f"recovery_{r}_{p}_{s}" for r, p, s in KILLS]
+    cmds = [torchrun_cmd(2, FLAGS + ["--out", str(outs[0])])]
+    cmds += [torchrun_cmd(2, FLAGS + ["--fail-once-at-step", str(s), "--fail-rank", str(r), "--fail-phase", p,
+                                      "--out", str(out)], "--max-restarts=1")
+             for (r, p, s), out in zip(KILLS, outs[1:])]
+    procs = run_all_ok(cmds)
+    return {kill: (out, proc.output) for kill, out, proc in zip([None, *KILLS], outs, procs)}
 
 
-# Each phase once, each rank twice: rank 0 (the store's host when torchrun's agent is not, and
-# the one whose BatchNorm statistics the run keeps) and the last rank.
-@pytest.mark.parametrize("rank, phase, step", [(0, "backward", 4), (1, "before-forward", 4),
-                                              (0, "optimizer", 5), (1, "flags", 4)])
-def test_a_killed_rank_costs_at_most_the_step_it_interrupted(uninterrupted, tmp_path, rank, phase, step):
-    out = tmp_path / "run"
-    proc = run_ok(torchrun_cmd(2, FLAGS + ["--fail-once-at-step", str(step), "--fail-rank", str(rank),
-                                           "--fail-phase", phase, "--out", str(out)], "--max-restarts=1"))
+@pytest.mark.parametrize("rank, phase, step", KILLS)
+def test_a_killed_rank_costs_at_most_the_step_it_interrupted(runs, rank, phase, step):
+    out, output = runs[(rank, phase, step)]
     marker = (out / f".failed_once_at_step_{step}").read_text()
-    assert f"rank {rank} died here on purpose" in marker, proc.output[-3000:]
-    assert "a peer failed; saved the last finished step" in proc.output
+    assert f"rank {rank} died here on purpose" in marker, output[-3000:]
+    assert "a peer failed; saved the last finished step" in output
 
     # A step is finished once its gradients are all-reduced: a rank killed in its optimizer step or
     # after it had sent them, and the survivor completes that step before it saves.
@@ -46,8 +49,7 @@ def test_a_killed_rank_costs_at_most_the_step_it_interrupted(uninterrupted, tmp_
     logged, steps = [m["step"] for m in metrics(out) if "loss" in m], list(range(1, 7))
     assert logged == steps or (last_finished == step and logged == [s for s in steps if s != step]), logged
 
-    final = load_weights(out / FINAL)
-    reference = uninterrupted
+    final, reference = load_weights(out / FINAL), load_weights(runs[None][0] / FINAL)
     for name, weight in reference["model"].items():
         if "running_" in name or "num_batches" in name:
             # Rank 0's statistics are the run's; a survivor other than rank 0 saved its own.

@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from distributed_step.parallel.process_group import state_digest
-from tests.helpers import TINY, child_env, load_weights, metrics, python_cmd, run_ok, summary, torchrun_cmd
+from tests.helpers import (
+    TINY,
+    child_env,
+    load_weights,
+    metrics,
+    python_cmd,
+    run_all_ok,
+    run_ok,
+    summary,
+    torchrun_cmd,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +37,13 @@ REFERENCE = TINY + ["--small-input-stem", "--sync-bn", "--lr", "0.001", "--steps
 def runs(shared_tmp):
     out = SimpleNamespace(two=shared_tmp / "two_ranks", one=shared_tmp / "one_rank",
                           crashed=shared_tmp / "crash_and_restart")
-    run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.two)]))
-    # --deterministic changes nothing on CPU (the comparison below still holds) but is recorded.
-    run_ok(python_cmd(REFERENCE + ["--out", str(out.one), "--deterministic"]))
-    out.crash_log = run_ok(torchrun_cmd(2, REFERENCE + ["--out", str(out.crashed), "--fail-once-at-step", "6"],
-                                        "--max-restarts=1")).output
+    _, _, crashed = run_all_ok([
+        torchrun_cmd(2, REFERENCE + ["--out", str(out.two)]),
+        # --deterministic changes nothing on CPU (the comparison below still holds) but is recorded.
+        python_cmd(REFERENCE + ["--out", str(out.one), "--deterministic"]),
+        torchrun_cmd(2, REFERENCE + ["--out", str(out.crashed), "--fail-once-at-step", "6"], "--max-restarts=1"),
+    ], at_once=3)
+    out.crash_log = crashed.output
     return out
 
 
