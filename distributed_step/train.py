@@ -36,7 +36,7 @@ from distributed_step.optim import lr_factor, sgd
 from distributed_step.outcome import Summary, TrainingError
 from distributed_step.parallel import ddp, numerics, placement
 from distributed_step.parallel.numerics import amp
-from distributed_step.parallel.preemption import StopRequest
+from distributed_step.parallel.preemption import PreemptionNotice, PreemptionWatch, StopRequest
 from distributed_step.parallel.process_group import (
     DistEnv,
     all_gather_object,
@@ -54,9 +54,11 @@ from distributed_step.parallel.syncbn import convert_sync_batchnorm
 from distributed_step.step import train_step
 
 
-def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None) -> Summary:
+def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None,
+          preemption: PreemptionNotice | None = None) -> Summary:
     """Train on this process's rank. `device` overrides the default (Ray assigns one);
-    `on_checkpoint(path, step)` is called on every rank after each checkpoint is on disk."""
+    `on_checkpoint(path, step)` is called on every rank after each checkpoint is on disk;
+    `preemption` says when a node is about to be reclaimed: a checkpoint is saved at once."""
     world = detect(device)
     # Everything that can fail on bad input runs here, on every rank, before any collective.
     cfg.validate(world.world_size)
@@ -76,7 +78,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     placement.place(cfg, env)
     lock = rundir.RunLock(cfg.out)
     try:
-        return Run(cfg, env, sets, net, lock, on_checkpoint).fit()
+        return Run(cfg, env, sets, net, lock, on_checkpoint, preemption).fit()
     finally:
         lock.release()
         teardown(env)
@@ -85,8 +87,10 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
 class Run:
     """One rank's run: the loaders, the model and its optimizer, the counters, and the loop."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, lock: rundir.RunLock, on_checkpoint):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, lock: rundir.RunLock, on_checkpoint,
+                 preemption: PreemptionNotice | None = None):
         self.cfg, self.env, self.sets, self.on_checkpoint = cfg, env, sets, on_checkpoint
+        self.preemption = PreemptionWatch(preemption)
         self.started = time.perf_counter()
         # One writer per run directory, decided by rank 0 and told to every rank before anything
         # in --out is read or written.
@@ -309,7 +313,7 @@ class Run:
             self.last_loss = self._log()
         if todo.evaluate:
             self.metrics.write({"step": self.step, **self._evaluate()})
-        if todo.checkpoint:
+        if self.preemption.save_now(self.step) or todo.checkpoint:
             self._checkpoint()
 
     def _log(self) -> float:

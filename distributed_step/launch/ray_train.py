@@ -17,6 +17,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 
 from distributed_step.config import ConfigError, parse_args  # no torch import: flag errors are instant
 
@@ -33,6 +34,11 @@ def launcher_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
     p.add_argument("--max-failures", type=int, default=0,
                    help="worker-group restarts Ray may make after a failure (default: 0)")
+    p.add_argument("--max-preemptions", type=int, default=-1,
+                   help="restarts after a node is preempted, counted apart from --max-failures (-1: no limit)")
+    p.add_argument("--preemption-check-every", type=int, default=10,
+                   help="steps between asks whether a node is being preempted (a barrier); on a notice "
+                        "a checkpoint is saved at once (default: 10)")
     p.add_argument("--storage-path", default=None,
                    help="where Ray persists checkpoints; absolute, on shared storage with several nodes "
                         "(default: --out)")
@@ -86,10 +92,22 @@ def train_on_worker(config: dict) -> None:
 
     from distributed_step.config import TrainConfig
     from distributed_step.observe.evidence import record_failure
+    from distributed_step.parallel.preemption import PreemptionNotice
     from distributed_step.train import train
 
+    every = config.pop("preemption_check_every")
     cfg = TrainConfig(**config)
     rank = ray.train.get_context().get_world_rank()
+    asked = []  # seconds of each ask: the barrier's cost, printed at the end
+
+    def imminent() -> bool:
+        began = time.perf_counter()
+        info = ray.train.get_preemption_info()
+        asked.append(time.perf_counter() - began)
+        if info is not None:
+            print(f"[rank {rank}] distributed-step ray: preemption notice ({info}); saving a checkpoint now",
+                  file=sys.stderr, flush=True)
+        return info is not None
 
     def report(path: str, step: int) -> None:
         # Every worker must call report the same number of times; rank 0 attaches the file.
@@ -104,7 +122,11 @@ def train_on_worker(config: dict) -> None:
 
     def run() -> None:
         try:
-            train(cfg, device=ray.train.torch.get_device(), on_checkpoint=report)  # Ray picks our GPU
+            train(cfg, device=ray.train.torch.get_device(), on_checkpoint=report,  # Ray picks our GPU
+                  preemption=PreemptionNotice(imminent, every) if every > 0 else None)
+            if asked and rank == 0:
+                print(f"distributed-step ray: asked about preemption {len(asked)} times, "
+                      f"{1e3 * sum(asked) / len(asked):.1f} ms each", flush=True)
         except BaseException as exc:
             # Ray logs the traceback; the report in the run directory outlives Ray's session logs.
             path = record_failure(exc, f"{type(exc).__name__}: {exc}", cfg.out)
@@ -140,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args, train_argv = launcher_parser().parse_known_args(argv)
     try:
         cfg = parse_args(train_argv).validate(args.num_workers)
+        if args.preemption_check_every < 0 or args.max_preemptions < -1:
+            raise ConfigError("--preemption-check-every must be >= 0 (0: never ask) and --max-preemptions >= -1")
     except ConfigError as exc:
         return fail(str(exc))
     try:
@@ -162,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     trainer = TorchTrainer(
         train_on_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), "preemption_check_every": args.preemption_check_every},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.timeout_s)),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name=args.name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             failure_config=FailureConfig(max_failures=args.max_failures,
+                                                          max_preemption_failures=args.max_preemptions),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 _received = False  # a SIGTERM reached this process while training (kept after the handler is gone)
 
@@ -43,3 +45,26 @@ class StopRequest:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class PreemptionNotice:
+    """How a launcher learns that a node of the group is about to be reclaimed (Ray Train:
+    ray.train.get_preemption_info()). `imminent()` is a barrier across the ranks, so every rank
+    asks at the same steps: every `every` steps, at the step's end."""
+    imminent: Callable[[], bool]
+    every: int = 10
+
+
+class PreemptionWatch:
+    """Asks the notice at its steps; says once when a checkpoint should be saved at once, so that
+    the restart after the reclaim loses none of the steps trained since the last one."""
+
+    def __init__(self, notice: PreemptionNotice | None):
+        self.notice, self.saved = notice, False
+
+    def save_now(self, step: int) -> bool:
+        if self.notice is None or self.saved or step % self.notice.every:
+            return False
+        self.saved = bool(self.notice.imminent())
+        return self.saved

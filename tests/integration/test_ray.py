@@ -8,6 +8,7 @@ and bad input must fail in bounded time.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -82,8 +83,12 @@ def reference(shared_tmp):
 @pytest.fixture(scope="module")
 def ray_job(cluster, shared_tmp):
     out = shared_tmp / "ray_job"
-    proc = submit(cluster, "--num-workers", "2", *FLAGS, "--out", str(out))
+    # Asking Ray about preemption at every step (a barrier) must not change the math.
+    proc = submit(cluster, "--num-workers", "2", "--preemption-check-every", "1", *FLAGS, "--out", str(out))
     assert proc.returncode == 0 and "succeeded" in proc.output, proc.output[-4000:]
+    asked = re.search(r"asked about preemption (\d+) times, ([0-9.]+) ms each", proc.output)
+    assert asked and int(asked[1]) == 6, proc.output[-4000:]
+    print(f"ray.train.get_preemption_info: {asked[2]} ms a call")
     return out
 
 
