@@ -129,15 +129,16 @@ def test_stopped_job_resubmitted_resumes(cluster, shared_tmp):
     assert int(result["resumed_from"].rsplit("step_", 1)[1][:8]) >= 2  # not started over
 
 
-def test_killed_worker_resumes_from_rays_checkpoint_bit_exactly(cluster, ray_job, shared_tmp):
+def test_killed_worker_resumes_from_the_step_its_survivor_saved_bit_exactly(cluster, ray_job, shared_tmp):
     straight, crashed = ray_job, shared_tmp / "ray_crashed"  # the uninterrupted run: the submitted job
     proc = run_ok([*LAUNCHER, "--address", cluster["gcs"], "--num-workers", "2", *FLAGS,
-                   "--max-failures", "1", "--fail-once-at-step", "5", "--out", str(crashed)],
+                   "--max-failures", "1", "--fail-once-at-step", "4", "--out", str(crashed)],
                   timeout=400, env=ray_env())
     assert "killing this rank now" in proc.output
-    # Step 4, the last one written before the kill at step 5: Ray's copy when Ray had collected
-    # every worker's report of it, else the newer file in --out (resume_point, tested below).
-    assert summary(crashed)["resumed_from"].endswith("step_00000004.pt")
+    # Step 3, the last finished before the kill in step 4, saved by the surviving worker
+    # (recovery.py): newer than Ray's copy of step 2, so resume_point takes it from --out.
+    assert "a peer failed; saved the last finished step, 3" in proc.output, proc.output[-3000:]
+    assert summary(crashed)["resumed_from"].endswith("step_00000003.pt")
     a, b = load_weights(straight / "model.pt"), load_weights(crashed / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
