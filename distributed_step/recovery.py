@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from distributed_step import checkpoint as ckpt
+
 log = logging.getLogger("distributed_step")
 
 RANK_ZERO_FIRST_S = 1.0  # how long the other survivors leave rank 0 to claim the write
@@ -73,8 +75,6 @@ def save_for_restart(state_dict, net: nn.Module, snapshot: BufferSnapshot, inter
                      saved_step: int, env, out: str, keep: int) -> str | None:
     """The survivor's part (see above): the path written, or None where another survivor writes,
     the step is on disk already, or the state is not worth a file."""
-    from distributed_step import checkpoint as ckpt
-
     if interrupted:
         snapshot.restore()  # the interrupted step's forward had moved them
     if saved_step == step:

@@ -95,8 +95,8 @@ def train_on_worker(config: dict) -> None:
     from distributed_step.parallel.preemption import PreemptionNotice
     from distributed_step.train import train
 
-    every = config.pop("preemption_check_every")
-    cfg = TrainConfig(**config)
+    every = config["preemption_check_every"]  # the launcher's, not a train flag
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k != "preemption_check_every"})
     rank = ray.train.get_context().get_world_rank()
     asked = []  # seconds of each ask: the barrier's cost, printed at the end
 
@@ -162,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     args, train_argv = launcher_parser().parse_known_args(argv)
     try:
         cfg = parse_args(train_argv).validate(args.num_workers)
-        if args.preemption_check_every < 0 or args.max_preemptions < -1:
-            raise ConfigError("--preemption-check-every must be >= 0 (0: never ask) and --max-preemptions >= -1")
+        if args.preemption_check_every < 0:
+            raise ConfigError(f"--preemption-check-every {args.preemption_check_every}: must be >= 0 (0: never ask)")
+        if args.max_preemptions < -1:
+            raise ConfigError(f"--max-preemptions {args.max_preemptions}: must be >= 0, or -1 for no limit")
     except ConfigError as exc:
         return fail(str(exc))
     try:

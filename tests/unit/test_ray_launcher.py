@@ -44,3 +44,12 @@ def test_relative_paths_are_refused_on_several_nodes():
     with pytest.raises(ray_train.ConfigError, match="--out runs/x: a relative path"):
         ray_train.check_placement(args, {"CPU": 8}, 2, "runs/x", "/shared/ray")
     assert ray_train.check_placement(args, {"CPU": 8}, 1, "runs/x", "runs/x") is False
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--preemption-check-every", "-1"], "--preemption-check-every -1: must be >= 0 (0: never ask)"),
+    (["--max-preemptions", "-5"], "--max-preemptions -5: must be >= 0, or -1 for no limit"),
+])
+def test_bad_preemption_flags_are_refused_in_one_line_before_ray_starts(capsys, flags, expected):
+    assert ray_train.main([*flags, "--data", "synthetic"]) == 2
+    assert capsys.readouterr().err.strip() == f"distributed-step ray: error: {expected}"
