@@ -7,7 +7,10 @@ fails because another rank died or stopped answering, each survivor:
 
 - puts BatchNorm's running statistics back as they were before the interrupted step's forward
   (the forward moved them; nothing else of that step reached the state, since the optimizer
-  only runs once backward's all-reduce has completed on this rank);
+  only runs once backward's all-reduce has completed on this rank), then takes rank 0's, which
+  every step sends after its forward (parallel/rank0_statistics.py): the run's statistics are
+  rank 0's, so a survivor of rank 0's death saves those rather than its own. Only where rank 0
+  died before sending them does the survivor save its own, and it says so;
 - checks that the weights are finite;
 - claims the write through the rendezvous store while it answers, so that one survivor writes
   each step. Rank 0 goes first and the others give it a moment: evaluation and model.pt use
@@ -30,11 +33,35 @@ import torch
 from torch import nn
 
 from distributed_step import checkpoint as ckpt
+from distributed_step.parallel.rank0_statistics import Rank0Statistics
 
 log = logging.getLogger("distributed_step")
 
 RANK_ZERO_FIRST_S = 1.0  # how long the other survivors leave rank 0 to claim the write
 STORE_TIMEOUT_S = 5.0  # an answer from a store that is still up comes in milliseconds
+
+
+class Survivor:
+    """What a rank keeps so that it can save the last finished step when a peer dies: the
+    running statistics of before each forward, rank 0's as they arrive, and whether a step is
+    under way. `model`: the outermost module (the statistics are sent after its forward)."""
+
+    def __init__(self, env, net: nn.Module, model: nn.Module, running_step, carry_statistics: bool):
+        self.env, self.net, self.in_step = env, net, False
+        self.snapshot = BufferSnapshot(net)
+        self.rank0 = Rank0Statistics(env, self.snapshot.floating if carry_statistics else [])
+        self.rank0.attach(model, running_step)
+
+    def step_begins(self) -> None:
+        self.snapshot.take()
+        self.in_step = True
+
+    def step_ends(self) -> None:
+        self.in_step = False
+
+    def save(self, state_dict, step: int, saved_step: int, out: str, keep: int) -> str | None:
+        return save_for_restart(state_dict, self.net, self.snapshot, self.in_step, step, saved_step, self.env,
+                                out, keep, self.rank0.of_step(step))
 
 
 class BufferSnapshot:
@@ -44,6 +71,13 @@ class BufferSnapshot:
     def __init__(self, module: nn.Module):
         self.live = list(module.buffers())
         self.saved = [b.detach().clone() for b in self.live]
+        self.floating = [b for b in self.live if b.is_floating_point()]  # the running statistics
+
+    def adopt(self, flat: torch.Tensor) -> None:
+        """Take `flat`, the floating buffers laid end to end (rank 0's, from the step flags)."""
+        with torch.no_grad():
+            for buffer, values in zip(self.floating, flat.split([b.numel() for b in self.floating])):
+                buffer.copy_(values.view_as(buffer))
 
     def take(self) -> None:
         with torch.no_grad():
@@ -72,11 +106,17 @@ def claim_write(store, step: int, rank: int) -> bool:
 
 
 def save_for_restart(state_dict, net: nn.Module, snapshot: BufferSnapshot, interrupted: bool, step: int,
-                     saved_step: int, env, out: str, keep: int) -> str | None:
+                     saved_step: int, env, out: str, keep: int, rank0_buffers: torch.Tensor | None) -> str | None:
     """The survivor's part (see above): the path written, or None where another survivor writes,
-    the step is on disk already, or the state is not worth a file."""
+    the step is on disk already, or the state is not worth a file. `rank0_buffers`: rank 0's
+    running statistics after `step`, where they arrived."""
     if interrupted:
         snapshot.restore()  # the interrupted step's forward had moved them
+    if rank0_buffers is not None:
+        snapshot.adopt(rank0_buffers)
+    elif env.rank != 0 and snapshot.floating:
+        log.warning("rank %d: rank 0's BatchNorm statistics of step %d never arrived; saving this rank's own",
+                    env.rank, step)
     if saved_step == step:
         log.warning("rank %d: a peer failed; the last finished step, %d, is on disk already", env.rank, step)
         return None

@@ -105,11 +105,11 @@ class Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.precision, self.scaler = amp(cfg.precision, env.device)
+        self.flags = StepFlags(env)
         self.feed = DeviceFeed(sets.train_transform, env.device, cfg.channels_last,
                                getattr(sets.train, "samples", None))
         self.held_out_feed = DeviceFeed(sets.held_out_transform, env.device, cfg.channels_last,
                                         getattr(sets.held_out, "samples", None))
-        self.flags = StepFlags(env)
 
         self.net = convert_sync_batchnorm(net, env.device, env.backend) if cfg.sync_bn else net
         self.net = self.net.to(env.device)
@@ -133,9 +133,9 @@ class Run:
         self.clock.watch_gradients(self.net)
         self.stragglers, self.profiler = StragglerWatch(env), StepProfiler(cfg, env.rank, env.device)
         self.watch = evidence.HangWatch(cfg.out, cfg.timeout_s)  # stacks if this rank stops moving
-        # A peer's failure costs at most the step it interrupts (recovery.py): the running
-        # statistics of before each forward, and whether a step is under way.
-        self.snapshot, self.in_step = recovery.BufferSnapshot(self.net), False
+        # A peer's failure costs at most the step it interrupts (recovery.py). (SyncBN's running
+        # statistics are the same on every rank: no need to send rank 0's.)
+        self.survivor = recovery.Survivor(env, self.net, self.model, lambda: self.step + 1, not cfg.sync_bn)
         faults.arm(cfg, self.net, self.optimizer, lambda: self.step + 1, env.rank, env.world_size)
         self.bar = None  # the progress bar, on rank 0 of an interactive terminal (_announce)
 
@@ -224,8 +224,8 @@ class Run:
                 return self._loop(stop)
             except Exception as exc:
                 if is_peer_failure(exc):  # the survivors hold the last finished step: save it
-                    recovery.save_for_restart(self.state_dict, self.net, self.snapshot, self.in_step, self.step,
-                                              self.saved_step, self.env, self.cfg.out, self.cfg.keep_checkpoints)
+                    self.survivor.save(self.state_dict, self.step, self.saved_step, self.cfg.out,
+                                       self.cfg.keep_checkpoints)
                 raise
 
     def _loop(self, stop: StopRequest) -> Summary:
@@ -279,15 +279,14 @@ class Run:
         self.profiler.before(self.step + 1)
         self.clock.start()
         faults.slow_down(self.cfg, self.env.rank)  # inside the forward phase
-        self.snapshot.take()
-        self.in_step = True
+        self.survivor.step_begins()
         loss = train_step(self.model, self.optimizer, images, labels, self.loss_fn, self.clock,
                           accum=cfg.grad_accum, precision=self.precision, scaler=self.scaler,
                           clip_grad=cfg.clip_grad)
         self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
-        self.in_step = False
+        self.survivor.step_ends()
         self.profiler.after(self.step)
         return loss
 

@@ -14,6 +14,7 @@ from distributed_step.config import TrainConfig
 from distributed_step.optim import sgd
 from distributed_step.parallel.ddp import wrap
 from distributed_step.parallel.process_group import DistEnv, detect, setup, teardown
+from distributed_step.parallel.rank0_statistics import Rank0Statistics
 from distributed_step.parallel.step_flags import StepFlags
 from distributed_step.parallel.syncbn import GlooSyncBatchNorm, convert_sync_batchnorm
 from distributed_step.step import train_step
@@ -233,6 +234,36 @@ def test_the_first_non_finite_step_is_named_on_every_rank(gloo_world):
     ranks = gloo_world.run(_flags_on_rank, {}, {1: [2], 0: [3]}, 5)
     expected = [(False, None)] * 3 + [(False, 2)] * 3
     assert ranks == [expected, expected]
+
+
+# --- rank 0's running statistics, sent after each forward ---------------------------------------
+
+def _rank0_statistics_on_rank() -> list:
+    """A BatchNorm that sees different batches on each rank, under DDP: after each step's forward
+    every rank holds rank 0's running statistics of that step; no_sync micro-steps send nothing."""
+    env = _env()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    buffers = [b for b in net.buffers() if b.is_floating_point()]
+    statistics, step = Rank0Statistics(env, buffers), [0]
+    statistics.attach(model, lambda: step[0])
+    seen = []
+    for step[0] in (1, 2):
+        with model.no_sync():
+            model(torch.randn(8, 4) * (env.rank + 1)).sum().backward()  # an accumulation micro-step
+        assert step[0] not in statistics.sent
+        model(torch.randn(8, 4) * (env.rank + 1) + 1e-3).sum().backward()
+        seen.append((statistics.of_step(step[0]), torch.cat([b.reshape(-1) for b in buffers])))
+    assert statistics.of_step(7) is None  # never sent
+    return seen
+
+
+def test_every_rank_gets_rank_0s_running_statistics_of_each_step_bit_for_bit(gloo_world):
+    rank0, rank1 = gloo_world.run(_rank0_statistics_on_rank)
+    for (zero_got, zero_own), (one_got, one_own) in zip(rank0, rank1):
+        assert torch.equal(zero_got, zero_own) and torch.equal(one_got, zero_own)
+        assert not torch.equal(one_own, zero_own)  # the ranks' own statistics differ
 
 
 def test_step_flags_on_one_process_need_no_group():

@@ -46,6 +46,16 @@ def test_the_running_statistics_come_back_as_they_were_before_the_forward():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
+def test_rank_0s_statistics_laid_end_to_end_go_back_into_their_buffers():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    snapshot = recovery.BufferSnapshot(net)
+    assert len(snapshot.floating) == 4  # two means, two variances; not the int64 counters
+    flat = torch.arange(16, dtype=torch.float32)
+    snapshot.adopt(flat)
+    assert torch.equal(net[2].running_var, flat[12:]) and torch.equal(net[1].running_mean, flat[:4])
+    assert int(net[1].num_batches_tracked) == 0
+
+
 def test_a_peer_failure_is_told_from_this_ranks_own_errors():
     assert is_peer_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error"))
     assert is_peer_failure(type("DistBackendError", (RuntimeError,), {})("NCCL communicator was aborted"))
