@@ -95,6 +95,8 @@ class TrainConfig:
     fail_rank: int = _opt(-1, "the rank --fail-once-at-step kills (-1: the highest)", debug=True)
     fail_phase: str = _opt("before-forward", "where in the step --fail-once-at-step kills it",
                            ("before-forward", "backward", "optimizer", "flags"), debug=True)
+    fail_signal: str = _opt("kill", "how --fail-once-at-step ends the rank: kill (SIGKILL, abrupt) or term "
+                            "(SIGTERM, a stop request: the rank saves and exits)", ("kill", "term"), debug=True)
     stall_at_step: int = _opt(0, "the highest rank stops joining collectives at this step (0: off)", debug=True)
     slow_rank: str = _opt("", "RANK:MS: that rank sleeps MS ms in every step's forward (a straggler drill)",
                           debug=True)

@@ -3,7 +3,8 @@
 --fail-once-at-step K: a rank (--fail-rank, default the highest) is SIGKILLed in step K, once per
 run directory (a marker file remembers), so a restarted job gets past it: torchrun, Ray and
 Kubernetes restarts. --fail-phase says where in the step: before-forward, backward, optimizer,
-or flags (after the step, while its flags are being agreed).
+or flags (after the step, while its flags are being agreed). --fail-signal term sends SIGTERM
+instead of SIGKILL: a stop request, as a preempted node's processes get.
 --stall-at-step K: the highest rank stops joining collectives before step K, as a rank stuck
 in I/O or a driver would: the others must fail within --timeout-s, leaving stack files.
 --slow-rank R:MS: rank R sleeps MS ms in every step's forward, a straggler for the detector.
@@ -55,12 +56,15 @@ def _die_once(cfg: TrainConfig, step: int, rank: int, phase: str) -> None:
     marker = os.path.join(cfg.out, f".failed_once_at_step_{step}")
     if os.path.exists(marker):
         return
+    term = cfg.fail_signal == "term"
     with open(marker, "w") as fh:
-        fh.write(f"rank {rank} died here on purpose (--fail-once-at-step {step}, {phase}) at {time.time():.3f}\n")
+        fh.write(f"rank {rank} {'was sent SIGTERM' if term else 'died'} here on purpose "
+                 f"(--fail-once-at-step {step}, {phase}) at {time.time():.3f}\n")
         fh.flush()
         os.fsync(fh.fileno())
-    log.warning("--fail-once-at-step %d: killing this rank now (%s)", step, phase)
-    os.kill(os.getpid(), signal.SIGKILL)
+    log.warning("--fail-once-at-step %d: %s this rank now (%s)", step, "sending SIGTERM to" if term else "killing",
+                phase)
+    os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGKILL)
 
 
 def slow_down(cfg: TrainConfig, rank: int) -> None:

@@ -122,8 +122,8 @@ def train_on_worker(config: dict) -> None:
 
     def run() -> None:
         try:
-            train(cfg, device=ray.train.torch.get_device(), on_checkpoint=report,  # Ray picks our GPU
-                  preemption=PreemptionNotice(imminent, every) if every > 0 else None)
+            summary = train(cfg, device=ray.train.torch.get_device(), on_checkpoint=report,  # Ray picks our GPU
+                            preemption=PreemptionNotice(imminent, every) if every > 0 else None)
             if asked and rank == 0:
                 print(f"distributed-step ray: asked about preemption {len(asked)} times, "
                       f"{1e3 * sum(asked) / len(asked):.1f} ms each", flush=True)
@@ -133,7 +133,11 @@ def train_on_worker(config: dict) -> None:
             if path:
                 print(f"[rank {rank}] distributed-step: failure report: {path}", file=sys.stderr, flush=True)
             raise
+        if summary.status == "preempted":  # SIGTERM: the checkpoint is saved and reported
+            raise StoppedBySigterm(f"stopped by SIGTERM at step {summary.steps}; its checkpoint is saved "
+                                   f"and the restarted worker group resumes from it")
 
+    stop_on_sigterm_in_the_actor()
     restored = ray.train.get_checkpoint()
     if restored is None:
         run()
@@ -141,6 +145,28 @@ def train_on_worker(config: dict) -> None:
     with restored.as_directory() as folder:
         cfg.resume = resume_point(folder, cfg.out)
         run()
+
+
+class StoppedBySigterm(RuntimeError):
+    """Ends a worker that SIGTERM stopped after its checkpoint: returning would end the run."""
+
+
+def stop_on_sigterm_in_the_actor() -> None:
+    """Ray Train runs the training function on a thread of the worker actor, where no signal
+    handler can be installed, and Ray's own handler on the actor's main thread exits at once.
+    The main thread runs the actor's methods between Ray's polls: have it install the handler
+    that turns SIGTERM into a stop request (the ranks agree, save, report, and the group is
+    restarted from that checkpoint). RayTrainWorker.execute is Ray Train's; where it is missing,
+    SIGTERM ends the worker as before and only the preemption notice saves."""
+    import ray
+
+    from distributed_step.parallel.preemption import stop_on_sigterm
+
+    try:
+        ray.get(ray.get_runtime_context().current_actor.execute.remote(stop_on_sigterm), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - an internal of Ray's: warn, train on
+        print(f"distributed-step ray: SIGTERM will not save a checkpoint on this worker ({type(exc).__name__}: "
+              f"{str(exc).strip()[:200]})", file=sys.stderr, flush=True)
 
 
 def resume_point(ray_folder: str, out: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _received = False  # a SIGTERM reached this process while training (kept after the handler is gone)
+_active: StopRequest | None = None  # the stop request of the run under way in this process
 
 
 def sigterm_received() -> bool:
@@ -23,28 +24,44 @@ def sigterm_received() -> bool:
 
 class StopRequest:
     """SIGTERM (Kubernetes, torchrun, a preempted VM) only sets a flag; the ranks agree on it
-    at the end of the step, save, and exit 0 well inside the ~30 s grace period."""
+    at the end of the step, save, and exit 0 well inside the ~30 s grace period.
+
+    Signal handlers can only be installed from the main thread. Where training runs on another
+    (Ray Train), the launcher has the main thread install stop_on_sigterm() instead; either
+    way the handler reaches the request under way in this process."""
 
     def __init__(self):
         self.requested, self._previous = False, None
 
     def __enter__(self):
-        # Signal handlers can only be installed from the main thread (Ray runs us in another).
+        global _active
+        _active = self
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
 
-    def _handle(self, signum, frame):
-        global _received
-        _received = True
-        if self.requested:  # a second SIGTERM: stop waiting for the step to end
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
-
     def __exit__(self, *exc):
+        global _active
+        _active = None
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM a stop request for the run under way, whatever thread it trains on; outside a
+    run, SIGTERM ends the process as by default. Call it on the main thread."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    global _received
+    request = _active
+    if request is None or request.requested:  # no run to stop, or a second SIGTERM: stop waiting
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _received = True
+    request.requested = True
 
 
 @dataclass

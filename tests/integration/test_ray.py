@@ -143,6 +143,20 @@ def test_killed_worker_resumes_from_the_step_its_survivor_saved_bit_exactly(clus
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_worker_sent_sigterm_saves_its_step_and_the_group_resumes_from_it(cluster, ray_job, shared_tmp):
+    # The training function runs on a thread of the worker actor; the launcher has the actor's
+    # main thread turn SIGTERM into a stop request, which the ranks agree on at a step's end.
+    out = shared_tmp / "ray_sigterm"
+    proc = run_ok([*LAUNCHER, "--address", cluster["gcs"], "--num-workers", "2", *FLAGS, "--max-failures", "1",
+                   "--fail-once-at-step", "2", "--fail-signal", "term", "--out", str(out)], timeout=400, env=ray_env())
+    assert "sending SIGTERM to this rank now" in proc.output, proc.output[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", proc.output)
+    assert stopped and 2 <= int(stopped[1]) < 6, proc.output[-3000:]
+    assert summary(out)["resumed_from"].endswith(f"step_{int(stopped[1]):08d}.pt")
+    a, b = load_weights(ray_job / "model.pt"), load_weights(out / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("args, env, expected", [
     (["--address", "127.0.0.1:PORT"], {}, "no Ray cluster answers there"),
     (["--address", "GCS", "--num-workers", "8", "--cpus-per-worker", "1"], {}, "needs 8 CPUs; the cluster has 4"),

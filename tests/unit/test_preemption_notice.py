@@ -41,3 +41,36 @@ def test_the_watch_asks_only_at_its_steps_and_saves_once():
     assert [watch.save_now(step) for step in range(1, 10)] == [False, False, False, False, False, True,
                                                                  False, False, False]
     assert PreemptionWatch(None).save_now(3) is False
+
+
+def test_sigterm_stops_a_run_on_another_thread_once_the_main_thread_installed_the_handler():
+    """Ray Train's case: the run on a worker thread, the handler from the main thread."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed_step.parallel import preemption
+
+    previous = signal.getsignal(signal.SIGTERM)
+    entered, seen = threading.Event(), []
+
+    def run():
+        with preemption.StopRequest() as stop:  # not the main thread: installs nothing itself
+            entered.set()
+            deadline = time.monotonic() + 10
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(stop.requested)
+
+    try:
+        preemption.stop_on_sigterm()
+        worker = threading.Thread(target=run)
+        worker.start()
+        entered.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        worker.join(15)
+        assert seen == [True] and preemption.sigterm_received()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        preemption._received = False
