@@ -21,6 +21,7 @@ from torch import nn
 
 from distributed_step import checkpoint as ckpt
 from distributed_step import faults, recovery, rundir
+from distributed_step.background_save import CheckpointWriter
 from distributed_step.cadence import duties
 from distributed_step.config import ConfigError, TrainConfig, save_yaml
 from distributed_step.data.datasets import build_datasets, check_batch_fits
@@ -138,6 +139,7 @@ class Run:
         self.survivor = recovery.Survivor(env, self.net, self.model, lambda: self.step + 1, not cfg.sync_bn)
         faults.arm(cfg, self.net, self.optimizer, lambda: self.step + 1, env.rank, env.world_size)
         self.bar = None  # the progress bar, on rank 0 of an interactive terminal (_announce)
+        self.writer = CheckpointWriter(cfg.out, cfg.keep_checkpoints)
 
     # --- the checkpoint state, written and read in one place --------------------------------
     def state_dict(self) -> dict:
@@ -224,6 +226,8 @@ class Run:
                 return self._loop(stop)
             except Exception as exc:
                 if is_peer_failure(exc):  # the survivors hold the last finished step: save it
+                    if self.env.is_main and self.writer.finish() != self.saved_step:
+                        self.saved_step = -1  # the background write of saved_step failed
                     self.survivor.save(self.state_dict, self.step, self.saved_step, self.cfg.out,
                                        self.cfg.keep_checkpoints)
                 raise
@@ -312,8 +316,10 @@ class Run:
             self.last_loss = self._log()
         if todo.evaluate:
             self.metrics.write({"step": self.step, **self._evaluate()})
-        if self.preemption.save_now(self.step) or todo.checkpoint:
+        if self.preemption.save_now(self.step):
             self._checkpoint()
+        elif todo.checkpoint:  # periodic saves write in the background; the last, the stop's, at once
+            self._checkpoint(background=not self.stopping and self.step < self.total_steps)
 
     def _log(self) -> float:
         loss = self.meter.reduce(self.env)
@@ -345,7 +351,7 @@ class Run:
                  result["eval_loss"], result["eval_accuracy"], result["eval_samples"])
         return result
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, background: bool = False) -> None:
         # The loss check covers the forward; this covers the update after it. Replicas are
         # identical, so every rank reaches the same verdict without a collective.
         if not all(torch.isfinite(p).all() for p in self.net.parameters()):
@@ -353,23 +359,17 @@ class Run:
                                 f"the last good checkpoint in {self.cfg.out} is kept")
         broadcast_buffers_(self.net, self.env)
         self.watch.beat(force=True)
-        path = error = None
-        if self.env.is_main:
-            began = time.perf_counter()
-            try:
-                path = ckpt.save_checkpoint(self.state_dict(), self.cfg.out, self.cfg.keep_checkpoints)
-                log.info("saved %s in %.2f s", path, time.perf_counter() - began)
-            except OSError as exc:  # a full disk, a lost mount: every rank stops with the reason
-                error = (f"--out {self.cfg.out}: could not save the checkpoint of step {self.step} "
-                         f"({exc.strerror or exc}); the newest good checkpoint is kept")
+        written, error = self.writer.save(self.state_dict, self.step, background) if self.env.is_main else ([], None)
         # The others wait here, not in the next step's collective, where a slow save would
         # look like a hang and trip the collective timeout.
-        path, error = broadcast_object((path, error), self.env)
+        written, error = broadcast_object((written, error), self.env)
         if error:
             raise TrainingError(error)
-        self.saved_step = self.step
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(path, self.step)
+        # What a survivor may count as on disk: rank 0 waits for its own write first (_fit).
+        self.saved_step = self.step if self.env.is_main or not background else max(
+            [step for _, step in written], default=self.saved_step)
+        for path, step in written if self.on_checkpoint else ():
+            self.on_checkpoint(path, step)
 
     def _finish(self, status: str, final: bool) -> Summary:
         cfg, env = self.cfg, self.env

@@ -17,7 +17,7 @@ from testing.machine import ROOT
 PACKAGE = ROOT / "distributed_step"
 # Low to high: a module may import from its own room or from a lower one, never from a higher one.
 # The top-level modules the loop is made of: one room, whose modules may import each other.
-CORE = {"model", "optim", "step", "checkpoint", "rundir", "faults", "cadence", "outcome", "recovery"}
+CORE = {"background_save", "model", "optim", "step", "checkpoint", "rundir", "faults", "cadence", "outcome", "recovery"}
 LAYERS = [
     {"config"},
     {"data"},
