@@ -66,7 +66,9 @@ class TrainConfig:
                                       "no TF32 (slower; CPU runs repeat exactly either way)")
     # Run directory, checkpoints, logging
     out: str = _opt("runs/default", "run directory: config, metrics, checkpoints, model.pt, summary")
-    checkpoint_every: int = _opt(200, "save a full checkpoint every N steps (0: only at the end)")
+    # Periodic saves only guard against losing every rank at once (a dead rank costs one step,
+    # recovery.py), and they are staged and written in the background: docs/resuming.md has the cost.
+    checkpoint_every: int = _opt(50, "save a full checkpoint every N steps, in the background (0: only at the end)")
     keep_checkpoints: int = _opt(3, "keep the newest K checkpoints")
     resume: str = _opt("auto", "auto (newest valid checkpoint in --out) | never | PATH")
     eval_every: int = _opt(0, "evaluate on the held-out set every N steps (0: only at the end)")
