@@ -52,6 +52,9 @@ class Survivor:
         self.rank0 = Rank0Statistics(env, self.snapshot.floating if carry_statistics else [])
         self.rank0.attach(model, running_step)
 
+    def close(self) -> None:
+        self.rank0.detach()
+
     def step_begins(self) -> None:
         self.snapshot.take()
         self.in_step = True

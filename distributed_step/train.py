@@ -214,6 +214,7 @@ class Run:
             self._announce()
             return self._fit()
         finally:
+            self.survivor.close()
             self.watch.close()
             self.metrics.close()
             self.profiler.close()

@@ -138,6 +138,8 @@ def train_on_worker(config: dict) -> None:
                                    f"and the restarted worker group resumes from it")
 
     stop_on_sigterm_in_the_actor()
+    # Which node holds which rank: what to drain, or to look at, when one misbehaves.
+    print(f"[rank {rank}] distributed-step ray: on node {ray.get_runtime_context().get_node_id()}", flush=True)
     restored = ray.train.get_checkpoint()
     if restored is None:
         run()

@@ -26,6 +26,7 @@ class Rank0Statistics:
         self.env, self.buffers = env, buffers
         self.zeros = None  # what the other ranks add
         self.sent: dict[int, tuple] = {}  # step -> (async work, reduced values): the last two steps
+        self.hook = None
 
     def attach(self, model: nn.Module, running_step) -> None:
         """Send after each training forward of `model` (the outermost module: DDP, or what compiled
@@ -37,7 +38,15 @@ class Rank0Statistics:
         def after_forward(module, args, output):
             if module.training and getattr(_ddp(module), "require_backward_grad_sync", True):
                 self.send(running_step())
-        model.register_forward_hook(after_forward)
+        self.hook = model.register_forward_hook(after_forward)
+
+    def detach(self) -> None:
+        """Remove the hook. It refers to the run (running_step), and the run to the model: left in
+        place, the run outlives train() until a garbage collection, and its loaders' workers with
+        it, which at exit would keep the process waiting for them."""
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
     def send(self, step: int) -> None:
         if self.env.rank == 0:
