@@ -84,7 +84,9 @@ def test_a_node_drained_for_preemption_saves_at_the_notice_and_the_group_resumes
         assert raylet, "the drained node's raylet"
         for pid in raylet:
             os.kill(int(pid), signal.SIGKILL)  # the reclaim
+        reclaimed_at = time.time()
         assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+        print(f"the group ended {time.time() - reclaimed_at:.1f} s after the reclaim")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -94,3 +96,5 @@ def test_a_node_drained_for_preemption_saves_at_the_notice_and_the_group_resumes
     assert result["status"] == "complete" and result["steps"] == 40 and result["resumed_from"], result
     resumed = int(result["resumed_from"].rsplit("step_", 1)[1][:8])
     assert resumed >= int(saved[-1].stem.split("_")[1]) and resumed < 40
+    survivor = re.search(r"a peer failed; saved the last finished step, (\d+)", output)
+    print(f"resumed from step {resumed}; the survivor saved step {survivor[1] if survivor else None}")
