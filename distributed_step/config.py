@@ -73,6 +73,7 @@ class TrainConfig:
     resume: str = _opt("auto", "auto (newest valid checkpoint in --out) | never | PATH")
     eval_every: int = _opt(0, "evaluate on the held-out set every N steps (0: only at the end)")
     log_every: int = _opt(10, "log all-reduced metrics every N steps")
+    metrics_port: int = _opt(0, "rank 0 serves the logged metrics for Prometheus on this port (0: off)")
     # Distributed
     timeout_s: float = _opt(300.0, "timeout of rendezvous and of every collective, in seconds")
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
@@ -153,6 +154,7 @@ class TrainConfig:
             need(getattr(self, name) >= (-1 if name == "workers" else 0), f"--{_flag(name)} must be >= 0")
         need(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
         need(self.log_every >= 1, "--log-every must be at least 1")
+        need(0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port}: must be a port, 1-65535 (0: off)")
         need(self.timeout_s > 0, "--timeout-s must be positive")
         need(self.bucket_cap_mb > 0, "--bucket-cap-mb must be positive")
         need(self.threads >= 0, "--threads must be >= 0 (0: automatic)")

@@ -10,11 +10,9 @@ first collective, so one bad rank fails fast instead of leaving the others waiti
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import time
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -32,9 +30,10 @@ from distributed_step.observe import evidence
 from distributed_step.observe.clock import PhaseClock
 from distributed_step.observe.metrics import JsonlLog, LossMeter, Throughput, evaluate, log, progress_bar, setup_logging
 from distributed_step.observe.profiling import StepProfiler
+from distributed_step.observe.prometheus import PrometheusExporter
 from distributed_step.observe.stragglers import StragglerWatch
 from distributed_step.optim import lr_factor, sgd
-from distributed_step.outcome import Summary, TrainingError
+from distributed_step.outcome import Summary, TrainingError, write_outputs
 from distributed_step.parallel import ddp, numerics, placement
 from distributed_step.parallel.numerics import amp
 from distributed_step.parallel.preemption import PreemptionNotice, PreemptionWatch, StopRequest
@@ -56,10 +55,11 @@ from distributed_step.step import train_step
 
 
 def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=None,
-          preemption: PreemptionNotice | None = None) -> Summary:
+          preemption: PreemptionNotice | None = None, on_record=None) -> Summary:
     """Train on this process's rank. `device` overrides the default (Ray assigns one);
     `on_checkpoint(path, step)` is called on every rank after each checkpoint is on disk;
-    `preemption` says when a node is about to be reclaimed: a checkpoint is saved at once."""
+    `preemption` says when a node is about to be reclaimed: a checkpoint is saved at once;
+    `on_record(record)` gets each record of metrics.jsonl, on every rank."""
     world = detect(device)
     # Everything that can fail on bad input runs here, on every rank, before any collective.
     cfg.validate(world.world_size)
@@ -67,6 +67,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     placement.check_memory(cfg, world.world_size, world.local_world_size, world.device)
     numerics.configure(cfg.deterministic)  # before the model touches the device (cuBLAS reads it once)
     rundir.prepare(cfg.out)
+    exporter = PrometheusExporter(cfg.metrics_port) if cfg.metrics_port and world.rank == 0 else None
     if world.device.type == "cuda" and cfg.backend in ("auto", "nccl"):
         evidence.nccl_flight_recorder(cfg.out)  # before the process group reads it
     sets = build_datasets(cfg)
@@ -79,7 +80,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, on_checkpoint=No
     placement.place(cfg, env)
     lock = rundir.RunLock(cfg.out)
     try:
-        return Run(cfg, env, sets, net, lock, on_checkpoint, preemption).fit()
+        return Run(cfg, env, sets, net, lock, on_checkpoint, preemption, [exporter, on_record]).fit()
     finally:
         lock.release()
         teardown(env)
@@ -89,7 +90,7 @@ class Run:
     """One rank's run: the loaders, the model and its optimizer, the counters, and the loop."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, sets, net: nn.Module, lock: rundir.RunLock, on_checkpoint,
-                 preemption: PreemptionNotice | None = None):
+                 preemption: PreemptionNotice | None = None, listeners=()):
         self.cfg, self.env, self.sets, self.on_checkpoint = cfg, env, sets, on_checkpoint
         self.preemption = PreemptionWatch(preemption)
         self.started = time.perf_counter()
@@ -129,7 +130,7 @@ class Run:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.metrics = JsonlLog(os.path.join(cfg.out, "metrics.jsonl"), env, self.step)
+        self.metrics = JsonlLog(os.path.join(cfg.out, "metrics.jsonl"), env, self.step, listeners)
         self.clock, self.meter, self.timer = PhaseClock(env.device), LossMeter(env.device), Throughput()
         self.clock.watch_gradients(self.net)
         self.stragglers, self.profiler = StragglerWatch(env), StepProfiler(cfg, env.rank, env.device)
@@ -390,18 +391,8 @@ class Run:
         summary.stragglers = self.stragglers.episodes
         summary.wall_time_s = round(time.perf_counter() - self.started, 3)
         if env.is_main:
-            try:
-                if final:
-                    self.watch.beat(force=True)
-                    weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-                    ckpt.save_atomic(weights, os.path.join(cfg.out, "model.pt"))
-                with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-                    json.dump(asdict(summary), fh, indent=2)
-            except OSError as exc:  # the checkpoint of the last step is on disk: nothing is lost
-                raise TrainingError(f"--out {cfg.out}: could not write model.pt or summary.json "
-                                    f"({exc.strerror or exc}); the checkpoint of step {self.step} is kept") from None
-            log.info("%s: %s", status, json.dumps({k: v for k, v in asdict(summary).items()
-                                                   if k != "replica_digests"}))
+            self.watch.beat(force=True)
+            write_outputs(summary, self.net if final else None, cfg.out)
         barrier(env)
         return summary
 

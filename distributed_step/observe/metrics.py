@@ -74,10 +74,11 @@ def evaluate(module: nn.Module, batches, env: DistEnv, precision: torch.dtype | 
 
 class JsonlLog:
     """metrics.jsonl, written by rank 0. On resume, records past the resumed step are dropped,
-    so a crash and restart never leaves the same step logged twice."""
+    so a crash and restart never leaves the same step logged twice. `listeners` get every
+    record on every rank where they are given (Prometheus on rank 0, Ray's report on all)."""
 
-    def __init__(self, path: str, env: DistEnv, resume_step: int):
-        self.path, self.enabled = path, env.is_main
+    def __init__(self, path: str, env: DistEnv, resume_step: int, listeners=()):
+        self.path, self.enabled, self.listeners = path, env.is_main, [f for f in listeners if f is not None]
         if self.enabled and os.path.exists(path):
             with open(path) as fh:
                 kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= resume_step]
@@ -86,6 +87,8 @@ class JsonlLog:
         self.scalars = Scalars(os.path.dirname(path), self.enabled, resume_step)  # the same records, for TensorBoard
 
     def write(self, record: dict) -> None:
+        for listener in self.listeners:
+            listener(record)
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
@@ -93,6 +96,8 @@ class JsonlLog:
 
     def close(self) -> None:
         self.scalars.close()
+        for listener in self.listeners:
+            getattr(listener, "close", lambda: None)()
 
 
 def _step_of(line: str) -> int | None:

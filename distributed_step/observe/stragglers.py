@@ -63,6 +63,8 @@ class StragglerWatch:
             self.streak[rank] = self.streak[rank] + 1 if slow else 0
             if self.streak[rank] == WINDOWS:  # once per episode: the streak must break to warn again
                 self._warn(step, rank, rows, value / median)
+        if len(busy) > 1:
+            record["rank_straggler"] = [int(streak >= WINDOWS) for streak in self.streak]  # named, and still slow
         return record
 
     def _warn(self, step: int, rank: int, rows: list[list[float]], ratio: float) -> None:
