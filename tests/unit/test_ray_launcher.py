@@ -53,3 +53,24 @@ def test_relative_paths_are_refused_on_several_nodes():
 def test_bad_preemption_flags_are_refused_in_one_line_before_ray_starts(capsys, flags, expected):
     assert ray_train.main([*flags, "--data", "synthetic"]) == 2
     assert capsys.readouterr().err.strip() == f"distributed-step ray: error: {expected}"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--num-workers", "2:x"], "--num-workers 2:x: give a count, or MIN:MAX for an elastic run"),
+    (["--num-workers", "4:2"], "--num-workers 4:2: needs 1 <= MIN <= MAX"),
+    # 16 divides by 2 and 4, not by 3: an elastic run may take every size in its range
+    (["--num-workers", "2:4", "--global-batch-size", "16"],
+     "--num-workers 2:4: at 3 workers: --global-batch-size 16 is not divisible by the world size 3"),
+    (["--resize-check-s", "0"], "--resize-check-s 0 must be > 0 and --wait-for-resources-s 60 >= 0"),
+])
+def test_bad_worker_ranges_are_refused_in_one_line_before_ray_starts(capsys, flags, expected):
+    assert ray_train.main([*flags, "--data", "synthetic"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"distributed-step ray: error: {expected}")
+
+
+def test_an_elastic_range_is_placed_by_its_minimum():
+    args = ray_train.launcher_parser().parse_args(["--num-workers", "2:8"])
+    assert ray_train.worker_range(args.num_workers) == (2, 8)
+    assert ray_train.check_placement(args, {"CPU": 2}, 1, "/runs/x", "/runs/x") is False
+    with pytest.raises(ray_train.ConfigError, match="needs 2 CPUs; the cluster has 1"):
+        ray_train.check_placement(args, {"CPU": 1}, 1, "/runs/x", "/runs/x")

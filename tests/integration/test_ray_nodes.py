@@ -1,5 +1,9 @@
-"""A Ray node drained for preemption, on a real local Ray cluster of several nodes.
+"""Ray nodes that come and go, on a real local Ray cluster of several nodes on this machine.
 
+An elastic run (--num-workers MIN:MAX) starts with the workers the cluster fits and grows the
+group when a node joins: Ray restarts it at the larger size, and it resumes from its checkpoint.
+
+A node drained for preemption:
 `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` is what a cloud's spot reclaim or a
 Kubernetes pod deletion does to a Ray node (the node's own SIGTERM handler drains it with that
 reason). Ray Train's watcher tells every worker; the launcher's check (every
@@ -12,18 +16,29 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import BIN, ROOT, TINY, free_port, metrics, run_ok, summary
-from tests.integration.test_ray import LAUNCHER, ray_env
+from tests.integration.test_ray import LAUNCHER
+from tests.integration.test_ray import ray_env as token_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# This cluster's own token: test_ray's goes with its cluster.
+TOKEN = Path(tempfile.mkdtemp(prefix="raytoken")) / "auth_token"
+TOKEN.write_text(secrets.token_hex(32))
+
+
+def ray_env(**extra) -> dict:
+    return token_env(RAY_AUTH_TOKEN_PATH=str(TOKEN), **extra)
 
 
 def ray_start(*args: str) -> None:
@@ -48,6 +63,7 @@ def nodes():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=ray_env(), capture_output=True,
                        timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(TOKEN.parent, ignore_errors=True)
 
 
 def wait_for(condition, proc, log, timeout_s: float = 240):
@@ -56,6 +72,40 @@ def wait_for(condition, proc, log, timeout_s: float = 240):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
         time.sleep(0.3)
     return found
+
+
+def test_an_elastic_group_grows_when_a_node_joins_and_resumes_at_the_larger_size(nodes, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "launcher.log"
+    # 12 images a step divide by 2, 3 and 4 workers, as every size of the range must.
+    flags = [*TINY, "--global-batch-size", "12", "--steps", "40", "--checkpoint-every", "5", "--slow-rank", "0:250"]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([*LAUNCHER, "--address", nodes, "--num-workers", "2:4", "--cpus-per-worker", "1",
+                                 "--resize-check-s", "5", *flags, "--out", str(out)],
+                                cwd=ROOT, env=ray_env(), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: any(m.get("step", 0) >= 6 for m in metrics(out)) if (out / "metrics.jsonl").exists()
+                 else False, proc, log)
+        ray_start(f"--address={nodes}", "--num-cpus=1")  # a fourth joins
+        joined_at, reached = time.time(), [0]
+
+        def regrouped() -> bool:  # the newest step the first group reached, until a group of 4 logs
+            logged = [m for m in metrics(out) if "rank_busy_ms" in m]
+            reached[0] = max([reached[0]] + [m["step"] for m in logged if len(m["rank_busy_ms"]) == 3])
+            return any(len(m["rank_busy_ms"]) == 4 for m in logged)
+        wait_for(regrouped, proc, log)
+        regrouped_at = time.time()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    result = summary(out)
+    assert result["status"] == "complete" and result["steps"] == 40 and result["world_size"] == 4, result
+    resumed = int(result["resumed_from"].rsplit("step_", 1)[1][:8])
+    sizes = [len(m["rank_busy_ms"]) for m in metrics(out) if "rank_busy_ms" in m]
+    assert sizes == sorted(sizes) and sizes[0] == 3 and sizes[-1] == 4, sizes  # the three 1-CPU nodes, then 4
+    print(f"grew from 3 to 4 workers; 4 logged {regrouped_at - joined_at:.1f} s after the node joined; the 3 had "
+          f"reached step {reached[0]}, the 4 resumed from step {resumed}")
+    assert 5 <= resumed <= reached[0]
 
 
 def test_a_node_drained_for_preemption_saves_at_the_notice_and_the_group_resumes(nodes, tmp_path):
