@@ -262,10 +262,29 @@ def _coerce(name: str, value: Any, path: str) -> Any:
         raise ConfigError(f"--config {path}: {name}: expected {kind}, got {shown}") from None
 
 
+# Settings a platform sets for every container of a job (a Kubernetes component merges them into
+# the job's environment ConfigMap), below --config and the flags.
+PLATFORM_ENV = {"metrics_port": "DS_METRICS_PORT"}
+
+
+def platform_defaults() -> dict:
+    values = {}
+    for name, variable in PLATFORM_ENV.items():
+        text = os.environ.get(variable, "").strip()
+        if text:
+            try:
+                values[name] = field_type(name)(text)
+            except ValueError:
+                raise ConfigError(f"${variable}={text!r}: expected {field_type(name).__name__} "
+                                  f"(it sets --{_flag(name)})") from None
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < --config YAML < flags. Raises ConfigError; argparse exits 2 on unknown flags."""
     args = vars(build_parser().parse_args(argv))
-    values = load_yaml(args.pop("config")) if "config" in args else {}
+    values = platform_defaults()
+    values.update(load_yaml(args.pop("config")) if "config" in args else {})
     if "steps" in args and "epochs" in args:
         raise ConfigError("give --steps or --epochs, not both")
     values.update(args)

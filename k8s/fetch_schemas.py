@@ -3,7 +3,8 @@
 
 Every file listed in k8s/crds.json is downloaded from its operator's repository at the release
 tag, https://raw.githubusercontent.com/<repo>/<tag>/<path>, into a temporary folder beside the
-destination, and its sha256 checked. Only when all of them match does that folder replace the
+destination, and its sha256 checked (one marked "optional" there is skipped, with a line, when
+it cannot be downloaded; a wrong one is refused all the same). Only when all of them match does that folder replace the
 destination (default .k8s-schemas/ at the repository root: git-ignored, where the tests look), by
 renames, so the tests never see a half-written set. A failed download or a wrong hash is one line
 on stderr naming the file, exit 1, and the destination as it was.
@@ -53,22 +54,34 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(crd: dict, base: str, folder: Path) -> None:
+def download(crd: dict, base: str, folder: Path) -> bool:
+    """Whether the file landed. An optional CRD that cannot be downloaded is skipped (False);
+    a wrong file is refused whether optional or not."""
     url, target = source(crd, base), folder / crd["file"]
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(target, "wb") as out:
             shutil.copyfileobj(response, out)
     # URLError and HTTPError are OSErrors; a cut connection is an HTTPException; a malformed base, ValueError.
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise Refused(f"{crd['file']}: download failed from {url}: {getattr(exc, 'reason', exc)}") from None
+        reason = f"download failed from {url}: {getattr(exc, 'reason', exc)}"
+        if "optional" in crd:
+            target.unlink(missing_ok=True)
+            print(f"k8s-schemas: skipped the optional {crd['file']}: {reason}")
+            return False
+        raise Refused(f"{crd['file']}: {reason}") from None
     got = sha256(target)
     if got != crd["sha256"]:
         raise Refused(f"{crd['file']}: sha256 mismatch from {url}: got {got}, expected {crd['sha256']}")
+    return True
 
 
 def verified(dest: Path, table: list[dict]) -> bool:
-    """Whether `dest` already holds every file with its hash (then there is nothing to fetch)."""
-    return all((dest / c["file"]).is_file() and sha256(dest / c["file"]) == c["sha256"] for c in table)
+    """Whether `dest` already holds every file with its hash (an optional one: if at all), so
+    that there is nothing to fetch."""
+    def holds(crd: dict) -> bool:
+        path = dest / crd["file"]
+        return sha256(path) == crd["sha256"] if path.is_file() else "optional" in crd
+    return dest.is_dir() and all(holds(c) for c in table)
 
 
 def install(staged: Path, dest: Path) -> None:
@@ -98,8 +111,8 @@ def fetch(dest: Path, base: str) -> int:
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         for crd in table:
-            download(crd, base, staged)
-            print(f"k8s-schemas: {crd['file']} ({crd['repo']} {crd['tag']}) sha256 ok")
+            if download(crd, base, staged):
+                print(f"k8s-schemas: {crd['file']} ({crd['repo']} {crd['tag']}) sha256 ok")
         staged.chmod(0o755)  # mkdtemp's 0700 would make the folder private to this user
         install(staged, dest)
     except Refused as exc:
@@ -107,7 +120,7 @@ def fetch(dest: Path, base: str) -> int:
         return 1
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    print(f"k8s-schemas: {len(table)} CRDs in {dest}")
+    print(f"k8s-schemas: {len(list(dest.iterdir()))} CRDs in {dest}")
     return 0
 
 

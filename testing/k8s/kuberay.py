@@ -26,7 +26,7 @@ import secrets
 import shlex
 
 from testing.k8s.network import LOOPBACK, Network
-from testing.k8s.operators import Pod
+from testing.k8s.operators import Pod, suspended
 from testing.k8s.render import quantity
 
 GCS_HEALTH = "api/gcs_healthz"  # utils.RayDashboardGCSHealthPath, probed with a 10 s timeout
@@ -83,7 +83,10 @@ def submit_script(address: str, job_id: str, entrypoint: str) -> str:
 
 
 def rayjob_pods(ray_job: dict, net: Network, temp_dir: str) -> tuple[Pod, list[Pod], Pod]:
-    """(head, workers, submitter): the Ray container of each runs what KubeRay puts there."""
+    """(head, workers, submitter): the Ray container of each runs what KubeRay puts there; a
+    suspended RayJob gets no cluster and no submitter (None, [], None)."""
+    if suspended(ray_job):
+        return None, [], None
     name, spec = ray_job["metadata"]["name"], ray_job["spec"]
     cluster = spec["rayClusterSpec"]
     head_group = cluster["headGroupSpec"]

@@ -137,6 +137,8 @@ def pytorchjob_templates(job: dict, init_template: Path | None = INIT_TEMPLATE) 
 
 
 def pytorchjob_pods(job: dict, net: Network, init_template: Path | None = INIT_TEMPLATE) -> list[Pod]:
+    if "kind" in job and suspended(job):
+        return []  # suspended: no pods until it is resumed (Kueue: admitted)
     name, spec = job["metadata"]["name"], job["spec"]
     specs = spec["pytorchReplicaSpecs"]
     templates = pytorchjob_templates(job, init_template)
@@ -207,9 +209,27 @@ def rdzv_conf_text(elastic: dict) -> str:
     return ",".join(f"{c['key']}={c['value']}" for c in elastic.get("rdzvConf", []))
 
 
+# --- Suspension: every controller here creates no pods for a suspended workload -----------------
+SUSPEND = {"Job": ("spec",), "PyTorchJob": ("spec", "runPolicy"), "TrainJob": ("spec",), "RayJob": ("spec",)}
+
+
+def suspend_holder(workload: dict) -> dict:
+    """The object whose `suspend` field the workload's controller reads."""
+    holder = workload
+    for key in SUSPEND[workload["kind"]]:
+        holder = holder.setdefault(key, {})
+    return holder
+
+
+def suspended(workload: dict) -> bool:
+    return bool(suspend_holder(workload).get("suspend"))
+
+
 # --- The Job controller: Indexed Job ------------------------------------------------------------
 def indexed_job_pods(job: dict, objects: list[dict], net: Network) -> list[Pod]:
     """Pod 0 hosts the rendezvous store, on its container's first declared port."""
+    if "kind" in job and suspended(job):
+        return []  # suspended: no pods until it is resumed (Kueue: admitted)
     name, spec = job["metadata"]["name"], job["spec"]
     subdomain = spec["template"]["spec"].get("subdomain")
     services = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == subdomain
@@ -293,6 +313,8 @@ def trainjob_nproc(trainer: dict) -> str:
 
 
 def trainjob_pods(train_job: dict, net: Network) -> list[Pod]:
+    if "kind" in train_job and suspended(train_job):
+        return []  # suspended: no pods until it is resumed (Kueue: admitted)
     name, trainer = train_job["metadata"]["name"], train_job["spec"].get("trainer", {})
     nodes = trainer.get("numNodes", 1)
     template = trainjob_template(train_job)

@@ -81,10 +81,13 @@ def need_kubectl() -> str:
 
 
 def stale_crds(folder: Path) -> list[str]:
-    """The CRDs pinned in k8s/crds.json that `folder` lacks or holds with another sha256."""
+    """The CRDs pinned in k8s/crds.json that `folder` lacks or holds with another sha256 (an
+    optional one only if present with another sha256)."""
     def holds(crd: dict) -> bool:
         path = folder / crd["file"]
-        return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == crd["sha256"]
+        if not path.is_file():
+            return "optional" in crd
+        return hashlib.sha256(path.read_bytes()).hexdigest() == crd["sha256"]
     return [crd["file"] for crd in json.loads(CRD_TABLE.read_text())["crds"] if not holds(crd)]
 
 
@@ -123,6 +126,21 @@ def render(variant: str, k8s: Path = K8S) -> list[dict]:
     """The objects `kubectl apply -k k8s/<variant>` would create (a fresh copy each call); `k8s`:
     another folder laid out as k8s/ (a user's edited copy)."""
     return copy.deepcopy(list(_render(variant, k8s)))
+
+
+def with_components(dest: Path, components: dict[str, list[str]]) -> Path:
+    """A copy of k8s/ at dest/k8s in which each variant also takes the named components of
+    k8s/components, added to the end of its components list as a user adds them."""
+    k8s = dest / "k8s"
+    shutil.copytree(K8S, k8s)
+    for variant, names in components.items():
+        kustomization = k8s / variant / "kustomization.yaml"
+        up = "../" * variant.count("/") + "../components/"
+        text = kustomization.read_text()
+        if not text.rstrip().splitlines()[-1].startswith("- "):
+            raise ValueError(f"{kustomization}: its components list is not its last entry")
+        kustomization.write_text(text.rstrip() + "\n" + "".join(f"- {up}{name}\n" for name in names))
+    return k8s
 
 
 def find(objects: list[dict], kind: str, name: str | None = None) -> dict:

@@ -8,14 +8,16 @@ profile) in every container, a grace period longer than torchrun's shutdown time
 directory on the shared volume, no Istio sidecar, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, c10d
 rendezvous timeouts that outlast a cold image pull, the retry and deadline limits each kind
 has, a NetworkPolicy that selects every pod and admits the job's own pods (testing.k8s.netpol),
-and a RayJob's token authentication. It returns a list of messages, empty when all holds. The
-operators' own admission rules are in testing.k8s.admission.
+a RayJob's token authentication, and what a PodMonitor refers to (testing.k8s.monitoring). It
+returns a list of messages, empty when all holds. The operators' own admission rules are in
+testing.k8s.admission.
 """
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+from testing.k8s.monitoring import monitor_errors
 from testing.k8s.netpol import policy_errors
 from testing.k8s.operators import INIT_TEMPLATE, pod_templates, rdzv_conf_text
 from testing.k8s.render import config_maps, quantity, workload
@@ -95,7 +97,7 @@ def house_errors(objects: list[dict], init_template: Path | None = INIT_TEMPLATE
         errors += [f"{where}: {p}" for p in problems]
     labels = [(where, t.get("metadata", {}).get("labels", {})) for where, t, _ in pod_templates(obj, init_template)]
     errors += policy_errors(objects, labels, obj["kind"]) + _ray_auth_errors(obj)
-    return errors + _run_dir_errors(obj, out_dirs) + _rendezvous_errors(obj)
+    return errors + _run_dir_errors(obj, out_dirs) + _rendezvous_errors(obj) + monitor_errors(objects)
 
 
 def _ray_auth_errors(obj: dict) -> list[str]:

@@ -6,7 +6,9 @@ the image's paths as directories, env, $(VAR), init containers). Each pod is a p
 DNS names map to 127.0.0.1 where the NetworkPolicies admit the pod (testing.k8s.network; the RayJob
 runs with KubeRay's token auth). The only edits are ones a user could make: the
 ConfigMap's train.yaml becomes a tiny run, CPU limits drop to 1 (OMP_NUM_THREADS follows), and
-the elastic PyTorchJob's minReplicas and maxReplicas become the 2 pods it runs.
+the elastic PyTorchJob's minReplicas and maxReplicas become the 2 pods it runs. Every variant
+takes k8s/components/kueue and goes through the emulated Kueue first (testing.k8s.kueue): created
+suspended, admitted into its queue, and only then given pods.
 
 Start order: the elastic PyTorchJob's rendezvous host (worker 0) starts last, longer after the
 other pod than torch's default read_timeout (60 s), as when its node pulls a cold image: the
@@ -34,14 +36,16 @@ import yaml
 from testing.k8s.controller import Outcome, run_rayjob, run_until_done
 from testing.k8s.kubelet import Node
 from testing.k8s.kuberay import auth_secrets, rayjob_pods
+from testing.k8s.kueue import admission, admitted, created
 from testing.k8s.network import Network
-from testing.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, trainjob_pods
-from testing.k8s.render import find, need_kubectl, render, workload
+from testing.k8s.operators import backoff_limit, indexed_job_pods, pytorchjob_pods, suspended, trainjob_pods
+from testing.k8s.render import find, need_kubectl, render, with_components, workload
 from tests.helpers import TINY, metrics, summary
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 STEPS = 6
+FLAVOR_TOLERATION = {"key": "cloud.example.com/spot", "operator": "Exists", "effect": "NoSchedule"}
 HOST_LAST_S = 65  # longer than torch's default read_timeout, 60 s
 # tests.helpers.TINY's flags as the ConfigMap's YAML (same keys, underscores), plus a checkpoint every
 # 2 steps: a pod killed after the first one has 4 steps left to lose.
@@ -58,9 +62,9 @@ class Run:
     anonymous: subprocess.CompletedProcess | None = None  # RayJob: a submission without the token
 
 
-def prepared(variant: str) -> list[dict]:
+def prepared(variant: str, k8s: Path) -> list[dict]:
     """The variant's objects with the tiny training flags and 1-CPU pods."""
-    objects = render(variant)
+    objects = render(variant, k8s)
     find(objects, "ConfigMap", "distributed-step-config")["data"]["train.yaml"] = yaml.safe_dump(TINY_CONFIG)
     obj = workload(objects)
     if obj["kind"] == "TrainJob":
@@ -91,12 +95,21 @@ def kill_after_first_checkpoint(out: Path, pod: str, killed: list):
     return during
 
 
-def run_torchrun_variant(variant: str, root: Path, kill: str | None = None, edit=None,
+def through_kueue(obj: dict) -> dict:
+    """The workload as a cluster that queues every job runs it: created suspended, then
+    admitted into its LocalQueue with a flavor's toleration (testing.k8s.kueue)."""
+    waiting = created(obj, manage_without_queue=True)
+    assert suspended(waiting) and admission(waiting, {"distributed-step"}, manage_without_queue=True) == "admitted"
+    return admitted(waiting, [FLAVOR_TOLERATION])
+
+
+def run_torchrun_variant(variant: str, root: Path, k8s: Path, kill: str | None = None, edit=None,
                          host_last_s: float | None = None) -> Run:
-    objects = prepared(variant)
+    objects = prepared(variant, k8s)
     obj = workload(objects)
     if edit:
         edit(obj)
+    obj = through_kueue(obj)
     net = Network()
     if obj["kind"] == "Job":
         pods = indexed_job_pods(obj, objects, net)
@@ -112,9 +125,9 @@ def run_torchrun_variant(variant: str, root: Path, kill: str | None = None, edit
     return Run(out, outcome, kill)
 
 
-def run_rayjob_variant(root: Path) -> Run:
-    objects = prepared("rayjob")
-    obj, net = workload(objects), Network()
+def run_rayjob_variant(root: Path, k8s: Path) -> Run:
+    objects = prepared("rayjob", k8s)
+    obj, net = through_kueue(workload(objects)), Network()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     try:
         head, workers, submitter = rayjob_pods(obj, net, temp)
@@ -137,12 +150,12 @@ def two_pods_are_all(obj: dict) -> None:
 
 
 PLANS = {  # variant -> how it runs; the longest first
-    "pytorchjob/elastic": lambda root: run_torchrun_variant("pytorchjob/elastic", root, edit=two_pods_are_all,
-                                                            host_last_s=HOST_LAST_S),
-    "rayjob": lambda root: run_rayjob_variant(root),
-    "job": lambda root: run_torchrun_variant("job", root, kill="ds-job-1"),
-    "pytorchjob": lambda root: run_torchrun_variant("pytorchjob", root, kill="ds-pytorchjob-master-0"),
-    "trainjob": lambda root: run_torchrun_variant("trainjob", root, kill="ds-trainjob-node-0-1"),
+    "pytorchjob/elastic": lambda root, k8s: run_torchrun_variant("pytorchjob/elastic", root, k8s, edit=two_pods_are_all,
+                                                                 host_last_s=HOST_LAST_S),
+    "rayjob": lambda root, k8s: run_rayjob_variant(root, k8s),
+    "job": lambda root, k8s: run_torchrun_variant("job", root, k8s, kill="ds-job-1"),
+    "pytorchjob": lambda root, k8s: run_torchrun_variant("pytorchjob", root, k8s, kill="ds-pytorchjob-master-0"),
+    "trainjob": lambda root, k8s: run_torchrun_variant("trainjob", root, k8s, kill="ds-trainjob-node-0-1"),
 }
 
 
@@ -152,8 +165,9 @@ def runs(tmp_path_factory) -> dict:
     Ray's start), so several share even a 2-core machine without slowing each other much."""
     need_kubectl()  # before any thread starts: every test here skips (or, under CI, fails) at once
     roots = {v: tmp_path_factory.mktemp("k8s-" + v.replace("/", "-")) for v in PLANS}
+    k8s = with_components(tmp_path_factory.mktemp("manifests"), {v: ["kueue"] for v in PLANS})
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {v: pool.submit(plan, roots[v]) for v, plan in PLANS.items()}
+        futures = {v: pool.submit(plan, roots[v], k8s) for v, plan in PLANS.items()}
     return {v: f.exception() or f.result() for v, f in futures.items()}
 
 

@@ -94,3 +94,17 @@ def test_yaml_cannot_construct_objects(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_args(["--config", str(cfg_file)])
     assert not marker.exists()
+
+
+def test_the_platforms_metrics_port_sits_below_yaml_and_flags(tmp_path, monkeypatch):
+    """$DS_METRICS_PORT (set by k8s/components/prometheus for every container) turns the
+    endpoint on; a --config key or a flag still wins, and a non-number names the variable."""
+    monkeypatch.setenv("DS_METRICS_PORT", "9500")
+    assert parse_args([]).metrics_port == 9500
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("metrics_port: 9600\n")
+    assert parse_args(["--config", str(cfg)]).metrics_port == 9600
+    assert parse_args(["--config", str(cfg), "--metrics-port", "0"]).metrics_port == 0
+    monkeypatch.setenv("DS_METRICS_PORT", "metrics")
+    with pytest.raises(ConfigError, match=r"\$DS_METRICS_PORT='metrics': expected int \(it sets --metrics-port\)"):
+        parse_args([])
