@@ -5,7 +5,7 @@
     torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
              --rdzv-endpoint=HOST:29400 --rdzv-id=JOB -m distributed_step train [flags]
     python -m distributed_step ray --num-workers 4 [flags]                # Ray Train (the [ray] extra)
-    python -m distributed_step bench | doctor | plot ...                  # the tools (tools/)
+    python -m distributed_step bench | doctor | calibrate | plan | plot   # the tools (tools/)
 """
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import sys
 import time
 
 # Every command but train is a module with main(argv) -> exit code.
-TOOLS = {"bench": "tools.bench", "plot": "tools.plot", "doctor": "tools.doctor", "ray": "launch.ray_train"}
+TOOLS = {"bench": "tools.bench", "plot": "tools.plot", "doctor": "tools.doctor", "calibrate": "tools.calibrate",
+         "plan": "tools.plan", "ray": "launch.ray_train"}
 COMMANDS = ("train", *TOOLS)
 # Errors a rank only has because another rank failed (see main()).
 CONSEQUENCES, CONSEQUENCE_DELAY_S = ("a collective failed", "stopped by the launcher"), 3.0
 # How long a rank that finds a loopback master across hosts waits before it exits (see main()).
 LOOPBACK_LINGER_S = 5.0
-USAGE = "usage: distributed-step {train,bench,plot,doctor,ray} [flags]   (distributed-step COMMAND --help)"
+USAGE = ("usage: distributed-step {train,bench,plot,doctor,calibrate,plan,ray} [flags]   "
+         "(distributed-step COMMAND --help)")
 
 
 def _fail(message: str, code: int) -> int:

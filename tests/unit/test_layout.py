@@ -23,6 +23,7 @@ LAYERS = [
     {"data"},
     {"parallel"},
     {"observe"},
+    {"planner"},
     {"core"},
     {"train"},
     {"tools", "launch"},
