@@ -39,9 +39,10 @@ def layer_flops(model: nn.Module, image_size: int) -> list[tuple[nn.Module, floa
 
 
 def structural_profile(arch: str, model: nn.Module, image_size: int, batch: int, forward_s: float,
-                       backward_s: float, optimizer_s: float, **rest) -> Profile:
-    """A Profile whose gradients arrive as the layers' backward FLOPs say, fp32 gradients."""
-    layers = layer_flops(model, image_size)
+                       backward_s: float, optimizer_s: float, layers=None, **rest) -> Profile:
+    """A Profile whose gradients arrive as the layers' backward FLOPs say, fp32 gradients
+    (`layers`: layer_flops(model, image_size), when already known)."""
+    layers = layers or layer_flops(model, image_size)
     seen = {id(m) for m, _ in layers}
     missing = [n for n, m in model.named_modules() if list(m.parameters(recurse=False)) and id(m) not in seen]
     if missing:

@@ -12,9 +12,11 @@ V100 node), and the same figure is used for every other GPU run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
+import torch
+from torch import nn
 from torchvision import models
 
 from distributed_step.planner.collectives import System
@@ -61,25 +63,36 @@ FIT_RUN, FIT_RANKS, FIT_STEP_S = RUNS[0], 8, 0.104
 
 
 @cache
-def _layers(arch: str):
-    return getattr(models, arch)(num_classes=1000)
+def _layers(arch: str) -> nn.Module:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return getattr(models, arch)(num_classes=1000)
 
 
 def profile(run: Run, interference: float = 0.0) -> Profile:
+    return replace(_profile(run), interference=interference)
+
+
+@cache
+def _profile(run: Run) -> Profile:
     net = _layers(run.arch)
     params = sum(p.numel() for p in net.parameters())
     alone = run.alone_s if run.alone_s is not None else _interpolated_p100_step(run)
     optimizer = params * 20 / (MEMORY_GBYTE_S[run.device] * 1e9)
     compute = alone - optimizer
     return structural_profile(run.arch, net, 224, run.batch, compute / 3, 2 * compute / 3, optimizer,
-                              ddp_overhead_s=run.ddp_overhead_s, interference=interference)
+                              layers=_flops(run.arch), ddp_overhead_s=run.ddp_overhead_s)
+
+
+@cache
+def _flops(arch: str) -> tuple:
+    return tuple(layer_flops(_layers(arch), 224))
 
 
 def _interpolated_p100_step(run: Run) -> float:
     """ResNet-101 is not in TF_P100: its per-image time between ResNet-50's (219 img/s) and
     ResNet-152's (91.8 img/s), by forward FLOPs."""
     def flops(arch: str) -> float:
-        return sum(f for _, f in layer_flops(getattr(models, arch)(num_classes=1000), 224))
+        return sum(f for _, f in _flops(arch))
     low, high, mid = flops("resnet50"), flops("resnet152"), flops(run.arch)
     per_image = 1 / 219 + (mid - low) / (high - low) * (1 / 91.8 - 1 / 219)
     return run.batch * per_image

@@ -30,6 +30,7 @@ FIRST_BUCKET_BYTES = 1 << 20
 BUCKET_HOST_S = 20e-6
 HOOK_BYTE_RATIO = {"none": 1.0, "fp16": 0.5, "bf16": 0.5}
 BUCKET_CHOICES_MB = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0)
+COMPRESSION_MIN_GAIN = 0.01
 # The band's corners: each uncertain input at its optimistic and pessimistic end. Bandwidths are
 # rarely above the presets' achieved figures and often below (contention, a worse topology);
 # latencies vary more; interference and jitter are the least known.
@@ -153,6 +154,15 @@ def band(profile: Profile, system: System, n: int, hook: str = "none",
 
 def best(profile: Profile, system: System, n: int, hooks=("none", "bf16"),
          choices_mb=BUCKET_CHOICES_MB) -> Prediction:
-    """The fastest hook and bucket size at n ranks (exact first when they tie)."""
-    return min((predict(profile, system, n, h, mb) for h in hooks for mb in choices_mb),
-               key=lambda p: (round(p.step_s, 9), p.hook != "none"))
+    """The fastest bucket size at n ranks, and a compression hook only where it saves more than
+    COMPRESSION_MIN_GAIN of the step: compression changes the numbers, so exact is kept unless
+    it costs something real (as --comm-hook auto does)."""
+    def fastest(names) -> Prediction:
+        return min((predict(profile, system, n, h, mb) for h in names for mb in choices_mb),
+                   key=lambda p: round(p.step_s, 9))
+    exact = fastest(["none"])
+    compressed = [h for h in hooks if h != "none"]
+    if not compressed:
+        return exact
+    other = fastest(compressed)
+    return other if other.step_s < exact.step_s * (1 - COMPRESSION_MIN_GAIN) else exact

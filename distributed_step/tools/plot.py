@@ -2,10 +2,12 @@
 
     python -m distributed_step plot runs/demo                 # -> runs/demo/plots/*.png
     python -m distributed_step plot bench.jsonl --out docs/img
+    python -m distributed_step plot plan.json                 # -> plan-efficiency.png
 
 A run directory (it holds metrics.jsonl) gives loss, held-out accuracy, learning rate, images/s
 and the phase breakdown of every logged window. A bench file (the JSON lines of `bench --json`)
-gives images/s by world size and stacked phase bars for every variant and mode.
+gives images/s by world size and stacked phase bars for every variant and mode. A plan (the JSON
+of `plan --json`) gives the planned scaling efficiency against devices, with its band.
 """
 from __future__ import annotations
 
@@ -148,9 +150,39 @@ def plot_bench(path: str, out_dir: str) -> list[str]:
     return written
 
 
+def read_plan(path: str) -> list[dict] | None:
+    """The rows of a `distributed-step plan --json` file; None for any other file."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    rows = record.get("rows") if isinstance(record, dict) else None
+    return rows if isinstance(rows, list) and all("efficiency_band" in r for r in rows) else None
+
+
+def plot_plan(path: str, rows: list[dict], out_dir: str) -> list[str]:
+    """Scaling efficiency against devices, one line and band per system (log-scale devices)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["ranks"])
+        x = [r["ranks"] for r in mine]
+        line, = ax.plot(x, [100 * r["efficiency"] for r in mine], marker="o", label=system)
+        ax.fill_between(x, [100 * r["efficiency_band"][0] for r in mine],
+                        [100 * r["efficiency_band"][1] for r in mine], color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set(title="planned scaling efficiency (band: optimistic to pessimistic inputs)", xlabel="devices",
+           ylabel="% of one device's speed", ylim=(0, 105))
+    ax.legend(fontsize="small")
+    written: list[str] = []
+    _save(plt, fig, out_dir, f"{os.path.splitext(os.path.basename(path))[0]}-efficiency.png", written)
+    return written
+
+
 def main(argv: list[str]) -> int:
     parser = OneLineErrorParser(prog="distributed-step plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories and/or bench JSON-lines files")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, bench JSON-lines files, plan files")
     parser.add_argument("--out", default="", help="folder for the PNGs (default: RUN_DIR/plots, or beside the "
                         "bench file)")
     args = parser.parse_args(argv)
@@ -159,7 +191,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"{path}: no such run directory or bench file")
         out_dir = args.out or (os.path.join(path, "plots") if os.path.isdir(path) else os.path.dirname(path) or ".")
         os.makedirs(out_dir, exist_ok=True)
-        written = plot_run(path, out_dir) if os.path.isdir(path) else plot_bench(path, out_dir)
+        plan = None if os.path.isdir(path) else read_plan(path)
+        if plan is not None:
+            written = plot_plan(path, plan, out_dir)
+        else:
+            written = plot_run(path, out_dir) if os.path.isdir(path) else plot_bench(path, out_dir)
         for target in written:
             print(target)
     return 0

@@ -4,7 +4,10 @@ two nodes of 2 ranks equal one node of 4 bit for bit (same ranks, same ring all-
 a link shaped to 1 Gbit/s as over an unshaped one."""
 from __future__ import annotations
 
+import json
 import re
+import statistics
+import sys
 import time
 
 import pytest
@@ -138,3 +141,31 @@ def metrics_or_none(out) -> list[dict]:
         return metrics(out)
     except (FileNotFoundError, ValueError):  # not written yet, or a line being written
         return []
+
+
+def test_the_plan_from_a_two_host_calibration_predicts_the_two_host_step(two_hosts, tmp_path):
+    """`calibrate` over a 1 Gbit/s link (the link fitted from real all-reduces), then `plan` for
+    the same two hosts against a real training run's step there (docs/planning.md has the wider
+    validation). On this machine the step is CPU compute plus a wire that backward cannot hide."""
+    shape_or_skip(two_hosts, "1gbit")
+    size = ["--global-batch-size", "32", "--image-size", "32"]
+    cal = tmp_path / "cal.json"
+    procs = two_hosts.torchrun(1, ["-m", "distributed_step", "calibrate", "--out", str(cal), *size],
+                               run_id="calibrate", env=child_env())
+    outputs = two_hosts.wait(procs, timeout=300)
+    assert all(p.returncode == 0 for p in procs), outputs
+    link = json.loads(cal.read_text())["link"]
+    assert link["ranks"] == 2 and link["per_host"] == 1 and 0.08 < link["bus_gbyte_s"] < 0.13, link  # 1 Gbit/s
+    out = tmp_path / "run"
+    procs = two_hosts.torchrun(1, TRAIN + ["--data", "synthetic", "--synthetic-samples", "640", *size, "--steps", "14",
+                                           "--log-every", "1", "--warmup-steps", "0", "--checkpoint-every", "0",
+                                           "--out", str(out)], run_id="run", env=child_env())
+    outputs = two_hosts.wait(procs, timeout=300)
+    assert all(p.returncode == 0 for p in procs), outputs
+    measured = statistics.median(m["step_ms"] for m in metrics(out) if "step_ms" in m and m["step"] > 2)
+    plan_json = tmp_path / "plan.json"
+    run_ok([sys.executable, "-m", "distributed_step", "plan", "--calibration", str(cal), "--gpus", "2",
+            "--interconnect", "measured", "--json", str(plan_json)])
+    (row,) = json.loads(plan_json.read_text())["rows"]
+    assert row["exposed_s"] > 0.05  # the wire is longer than backward here: the model must see it
+    assert abs(1e3 * row["step_s"] / measured - 1) < 0.2, (row, measured)

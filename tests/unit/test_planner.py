@@ -1,0 +1,198 @@
+"""The planner's pieces (distributed_step/planner): the all-reduce formulas, the bucket timeline,
+the step, the calibration file and `plan`'s refusals; and the published runs it must reproduce."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from distributed_step.config import ConfigError
+from distributed_step.planner import published
+from distributed_step.planner.calibration import Calibration, CalibrationError, Link, load
+from distributed_step.planner.collectives import TREE_BW_SHARE, Fabric, System, all_reduce_s, fit, ring_s, tree_s
+from distributed_step.planner.model_profile import structural_profile
+from distributed_step.planner.step_model import (
+    BUCKET_HOST_S,
+    FIRST_BUCKET_BYTES,
+    Profile,
+    best,
+    buckets,
+    predict,
+    timeline,
+)
+from distributed_step.tools import plan
+
+MB = 2**20
+FAB = Fabric("test", bus_gbyte_s=10.0, alpha_us=5.0, call_us=10.0)
+
+
+def test_ring_and_tree_are_latency_plus_size_over_bus_bandwidth():
+    assert ring_s(1e9, 4, FAB) == pytest.approx(10e-6 + 6 * 5e-6 + 1.5 * 1e9 / 1e10)
+    assert tree_s(1e9, 4, FAB) == pytest.approx(10e-6 + 4 * 5e-6 + 1.5 * 1e9 / (1e10 * TREE_BW_SHARE))
+    assert ring_s(1e9, 4, FAB, reduce_gbyte_s=5.0) == pytest.approx(ring_s(1e9, 4, FAB) + 0.75 * 1e9 / 5e9)
+    assert ring_s(1e9, 1, FAB) == tree_s(1e9, 1, FAB) == 0.0
+    nccl, gloo = System("n", 2048, FAB), System("g", 2048, FAB, backend="gloo")
+    assert all_reduce_s(1e9, 4, nccl)[1] == "ring"  # big: the ring's bandwidth wins
+    assert all_reduce_s(1e4, 1024, nccl)[1] == "tree"  # small on many ranks: log n latency wins
+    assert all_reduce_s(1e4, 1024, gloo)[1] == "ring"  # gloo has no tree
+
+
+def test_across_nodes_the_slower_fabric_sets_bandwidth_and_step_latency():
+    fast, slow = Fabric("nv", 300.0, 3.0, 20.0), Fabric("eth", 3.0, 10.0, 20.0)
+    system = System("s", 8, fast, slow)
+    assert all_reduce_s(1e8, 8, system)[0] == pytest.approx(ring_s(1e8, 8, fast))
+    assert all_reduce_s(1e8, 16, system)[0] == pytest.approx(ring_s(1e8, 16, Fabric("x", 3.0, 10.0, 20.0)))
+    with pytest.raises(ValueError, match="do not fit one node"):
+        all_reduce_s(1e8, 16, System("one", 8, fast))
+
+
+def test_the_fit_recovers_bandwidth_and_latency():
+    samples = [(s, 300e-6 + 2 * 3 / 4 * s / 2.5e9) for s in (1 << 16, 1 << 20, 1 << 24, 1 << 26)]
+    bus, fixed = fit(samples, 4)
+    assert bus == pytest.approx(2.5) and fixed == pytest.approx(300.0)
+
+
+def toy(sizes=(3 * MB, 3 * MB, 3 * MB, 3 * MB), **rest) -> Profile:
+    ready = tuple((i + 1) / len(sizes) for i in range(len(sizes)))
+    return Profile("toy", 32, 0.1, 0.2, 0.01, tuple(sizes), ready, **rest)
+
+
+def test_buckets_cap_the_first_at_one_mib_and_keep_every_byte():
+    profile = toy(sizes=(MB // 2, MB // 2, 4 * MB, 4 * MB, 20 * MB, 3 * MB))
+    sent = buckets(profile, cap_mb=10)
+    assert [b for b, _ in sent] == [MB, 8 * MB + 20 * MB, 3 * MB]
+    assert [r for _, r in sent] == [profile.grad_ready[1], profile.grad_ready[4], profile.grad_ready[5]]
+    assert FIRST_BUCKET_BYTES == MB and sum(b for b, _ in sent) == sum(profile.grad_bytes)
+
+
+def test_buckets_go_one_at_a_time_each_once_ready():
+    slow = System("s", 8, Fabric("f", 0.01, 0.0, 0.0))  # 10 MB/s, no latency: 0.1 s per MB on 2 ranks
+    done, busy, span, _ = timeline([(MB, 0.5), (MB, 0.6)], backward_s=1.0, n=2, system=slow, ratio=1.0)
+    per = MB / 0.01e9
+    assert busy == pytest.approx(2 * per)
+    assert done == pytest.approx(0.5 + 2 * per)  # the second waits for the first
+    assert span == pytest.approx(min(1.0, done) - 0.5)
+
+
+def test_the_step_hides_what_backward_covers_and_shows_the_rest():
+    fast, slow = System("fast", 64, Fabric("f", 1000.0, 1.0, 1.0)), System("slow", 64, Fabric("s", 0.01, 1.0, 1.0))
+    profile = toy()
+    alone = predict(profile, fast, 1)
+    assert alone.efficiency == 1.0 and alone.step_s == pytest.approx(profile.alone_s)
+    hidden = predict(profile, fast, 4)
+    last = all_reduce_s(buckets(profile, 25)[-1][0], 4, fast)[0]
+    assert hidden.exposed_s == pytest.approx(last)  # only the bucket backward ends with
+    assert hidden.step_s == pytest.approx(profile.alone_s + BUCKET_HOST_S * len(buckets(profile, 25)) + last)
+    shown = predict(profile, slow, 4)
+    assert shown.exposed_s > 1.0 and shown.efficiency < 0.2
+    assert predict(profile, slow, 4, hook="bf16").exposed_s < shown.exposed_s / 1.9  # half the bytes
+    assert best(profile, slow, 4).hook == "bf16" and best(profile, fast, 4).hook == "none"
+    jittery = toy(jitter_s=0.01)
+    assert (predict(jittery, fast, 64).straggler_s == pytest.approx(0.01 * math.sqrt(2 * math.log(64))))
+    slowed = toy(interference=0.5)
+    assert predict(slowed, fast, 4).step_s > predict(profile, fast, 4).step_s  # on a slow link the wire hides it
+    with pytest.raises(ValueError, match="0 ranks"):
+        predict(profile, fast, 0)
+
+
+def test_a_structural_profile_orders_gradients_by_backward_work():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    profile = structural_profile("seq", net, 4, 1, 0.1, 0.2, 0.01)
+    conv = 2 * 3 * 9 * 8 * 16
+    linear = 2 * 128 * 10
+    # The linear layer's bias and weight come first (backward starts there), then the conv's.
+    assert profile.grad_bytes == (10 * 4, 1280 * 4, 8 * 4, 8 * 3 * 9 * 4)
+    assert profile.grad_ready == pytest.approx((linear / (linear + conv),) * 2 + (1.0, 1.0))
+
+
+def calibration(tmp_path, **changes) -> str:
+    net = nn.Linear(4, 2)
+    profile = structural_profile("resnet18", net, 4, 8, 0.1, 0.2, 0.01)
+    link = Link(2, 1, "gloo", ((1 << 20, 0.01), (1 << 24, 0.1)), 0.35, 800.0)
+    cal = Calibration("resnet18", 10, "abc", "cpu", "fp32", 32, profile, link)
+    path = tmp_path / "cal.json"
+    cal.save(str(path))
+    record = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = record["profile"] if key in record["profile"] else record
+        target[key] = value
+    path.write_text(json.dumps(record))
+    return str(path)
+
+
+def test_a_calibration_reads_back_as_it_was_written(tmp_path):
+    cal = load(calibration(tmp_path))
+    assert cal.arch == "resnet18" and cal.link.system().name == "measured-gloo"
+    assert cal.profile.grad_bytes == (8, 32) and cal.link.samples[0] == (1 << 20, 0.01)
+
+
+@pytest.mark.parametrize("changes, arch, message", [
+    ({}, "resnet50", "was measured on resnet18 (10 parameters), not resnet50"),
+    ({"format": "something/2"}, None, "not a calibration file"),
+    ({"grad_ready": [1.0, 0.5]}, None, "ready times must be fractions of backward, in order"),
+    ({"backward_s": -1}, None, "must be positive seconds"),
+    ({"params": 11}, None, "do not match 11 fp32 parameters"),
+])
+def test_a_bad_calibration_is_refused_in_one_line(tmp_path, changes, arch, message):
+    with pytest.raises(CalibrationError, match=re.escape(message)):
+        load(calibration(tmp_path, **changes), arch)
+
+
+def test_plan_refuses_bad_input_naming_the_flag(tmp_path, capsys):
+    good = calibration(tmp_path)
+    for argv, message in [
+        (["--interconnect", "h100-infiniband"], "--interconnect h100-infiniband: unknown; one of"),
+        (["--gpus", "8,0"], "--gpus 8,0: every device count must be at least 1"),
+        (["--gpus", "eight"], "--gpus eight: expected whole numbers"),
+        (["--arch", "vgg16"], "not vgg16"),
+        (["--compute-ms", "1,2"], "--compute-ms 1,2: expected forward,backward,optimizer"),
+        (["--speedup", "0"], "--speedup 0.0: must be above 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            plan.main(["--calibration", good, *argv])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="broken.json: not readable JSON"):
+        plan.main(["--calibration", str(tmp_path / "broken.json")])
+
+
+def test_plan_prints_and_writes_every_count_and_system(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert plan.main(["--calibration", calibration(tmp_path), "--gpus", "2,8,1024", "--interconnect",
+                      "h100-ib400,h100-25gbe,measured", "--speedup", "50", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["ranks"]) for r in rows] == [(s, n) for s in ("h100-ib400", "h100-25gbe", "measured-gloo")
+                                                         for n in (2, 8, 1024)]
+    for r in rows:
+        low, high = r["efficiency_band"]
+        assert 0 < low <= r["efficiency"] <= high <= 1, r
+    printed = capsys.readouterr().out
+    assert "h100-25gbe" in printed and "1024" in printed
+
+
+def test_the_published_runs_within_five_points_where_the_model_holds():
+    """docs/planning.md's table. Two runs are off by more, for reasons the model leaves out
+    (said there): DeepLearningExamples' AMP run, and Horovod's ResNet-101. Their directions
+    still hold: AMP scales worse than TF32, VGG-16 worse than ResNet-101."""
+    rows = {r["run"]: r for r in published.table()}
+    for name in ("PyTorch DDP, ResNet-50, 16 V100", "PyTorch DDP, ResNet-101, 16 V100", "DLE ResNet-50 TF32, 8 A100",
+                 "Horovod VGG-16, 512 P100"):
+        assert abs(rows[name]["model"] - rows[name]["published"]) <= 0.05, rows[name]
+    assert rows["DLE ResNet-50 AMP, 8 A100"]["model"] < rows["DLE ResNet-50 TF32, 8 A100"]["model"]
+    assert rows["Horovod VGG-16, 512 P100"]["model"] < rows["Horovod ResNet-101, 512 P100"]["model"] - 0.15
+    buckets_row = rows["PyTorch DDP, ResNet-50, 16 V100: 1 MB against 25 MB buckets"]
+    assert buckets_row["model"] < 0 and buckets_row["published"] < 0  # 1 MB buckets are slower
+    assert torch.device("meta")  # the profiles came from meta tensors: nothing was allocated
+
+
+def test_plot_draws_a_plan(tmp_path):
+    from distributed_step.tools import plot
+
+    out = tmp_path / "plan.json"
+    plan.main(["--calibration", calibration(tmp_path), "--gpus", "8,64", "--speedup", "20", "--json", str(out)])
+    assert plot.main([str(out), "--out", str(tmp_path)]) == 0
+    png = tmp_path / "plan-efficiency.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
