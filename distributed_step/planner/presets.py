@@ -13,6 +13,10 @@ from __future__ import annotations
 from distributed_step.planner.collectives import Fabric, System
 
 NIC_EFFICIENCY = 0.85  # all-reduce bus bandwidth / the NICs' line rate, typical of nccl-tests runs
+# NCCL's interference with backward on GPUs (planner.step_model): fitted on the PyTorch DDP
+# benchmark's 8-V100 ResNet-50 step (planner.published.fitted_interference; a test keeps the two
+# equal). A CPU calibration's own figure (gloo's threads taking cores) does not carry to a GPU.
+GPU_INTERFERENCE = 0.061
 NCCL_CALL_US = 8.4 + 12.0  # NCCL's base latency, plus DDP's per-bucket work and the launch
 
 
@@ -37,20 +41,18 @@ FABRICS = {
     "25gbe": nics("25gbe", 1, 25, alpha_us=10.0, source="one 25 GbE NIC per node (RoCE)"),
 }
 
-SYSTEMS = {
-    "h100-ib400": System("h100-ib400", 8, FABRICS["nvlink4"], FABRICS["ib400x8"],
-                         source="8 H100 per node (NVLink 4, NVSwitch), 8 x 400 Gb/s InfiniBand"),
-    "h100-100gbe": System("h100-100gbe", 8, FABRICS["nvlink4"], FABRICS["100gbe"],
-                          source="8 H100 per node (NVLink 4), one 100 GbE NIC"),
-    "h100-25gbe": System("h100-25gbe", 8, FABRICS["nvlink4"], FABRICS["25gbe"],
-                         source="8 H100 per node (NVLink 4), one 25 GbE NIC"),
-    "a100-ib200": System("a100-ib200", 8, FABRICS["nvlink3"], FABRICS["ib200x8"],
-                         source="DGX A100: 8 A100 (NVLink 3), 8 x 200 Gb/s InfiniBand"),
-    "v100-ib100x4": System("v100-ib100x4", 8, FABRICS["nvlink2"], FABRICS["ib100x4"],
-                           source="DGX-1V: 8 V100 (NVLink 2), 4 x 100 Gb/s InfiniBand"),
-    "p100-pcie-25gbe": System("p100-pcie-25gbe", 4, FABRICS["pcie3"], FABRICS["25gbe"],
-                              source="4 P100 on PCIe 3.0 per server, one 25 GbE NIC (Horovod's 512-GPU runs)"),
-}
+def gpus(name: str, per_node: int, intra: str, inter: str, source: str) -> System:
+    return System(name, per_node, FABRICS[intra], FABRICS[inter], source=source, interference=GPU_INTERFERENCE)
+
+
+SYSTEMS = {s.name: s for s in (
+    gpus("h100-ib400", 8, "nvlink4", "ib400x8", "8 H100 per node (NVLink 4, NVSwitch), 8 x 400 Gb/s InfiniBand"),
+    gpus("h100-100gbe", 8, "nvlink4", "100gbe", "8 H100 per node (NVLink 4), one 100 GbE NIC"),
+    gpus("h100-25gbe", 8, "nvlink4", "25gbe", "8 H100 per node (NVLink 4), one 25 GbE NIC"),
+    gpus("a100-ib200", 8, "nvlink3", "ib200x8", "DGX A100: 8 A100 (NVLink 3), 8 x 200 Gb/s InfiniBand"),
+    gpus("v100-ib100x4", 8, "nvlink2", "ib100x4", "DGX-1V: 8 V100 (NVLink 2), 4 x 100 Gb/s InfiniBand"),
+    gpus("p100-pcie-25gbe", 4, "pcie3", "25gbe", "4 P100 on PCIe 3.0 per server, one 25 GbE NIC (Horovod's runs)"),
+)}
 
 
 def system(name: str) -> System:

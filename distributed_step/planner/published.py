@@ -22,7 +22,7 @@ from torchvision import models
 from distributed_step.planner.collectives import System
 from distributed_step.planner.model_profile import layer_flops, structural_profile
 from distributed_step.planner.presets import SYSTEMS
-from distributed_step.planner.step_model import Profile, band, predict
+from distributed_step.planner.step_model import Profile, band, fit_interference, predict
 
 PYTORCH_DDP = "pytorch/pytorch benchmarks/distributed/ddp/README.md (8 DGX-1V, PyTorch 1.4, p50)"
 DLE = "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5 README (DGX A100 80GB, 21.03)"
@@ -99,15 +99,8 @@ def _interpolated_p100_step(run: Run) -> float:
 
 
 def fitted_interference() -> float:
-    """The interference that makes the 8-GPU ResNet-50 step of the PyTorch benchmark 0.104 s
-    (bisection: the step grows with it)."""
-    system = SYSTEMS[FIT_RUN.system]
-    low, high = 0.0, 50.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        step = predict(profile(FIT_RUN, mid), system, FIT_RANKS, bucket_mb=FIT_RUN.bucket_mb).step_s
-        low, high = (mid, high) if step < FIT_STEP_S else (low, mid)
-    return (low + high) / 2
+    """The interference that makes the 8-GPU ResNet-50 step of the PyTorch benchmark 0.104 s."""
+    return fit_interference(profile(FIT_RUN), SYSTEMS[FIT_RUN.system], FIT_RANKS, FIT_STEP_S, FIT_RUN.bucket_mb)
 
 
 def system_for(run: Run) -> System:

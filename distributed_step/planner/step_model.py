@@ -166,3 +166,15 @@ def best(profile: Profile, system: System, n: int, hooks=("none", "bf16"),
         return exact
     other = fastest(compressed)
     return other if other.step_s < exact.step_s * (1 - COMPRESSION_MIN_GAIN) else exact
+
+
+def fit_interference(profile: Profile, system: System, n: int, measured_s: float, bucket_mb: float = 25.0) -> float:
+    """The interference that makes the step at n ranks last `measured_s` (bisection: the step
+    grows with it; 0 when even none is too slow)."""
+    low, high = 0.0, 50.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        step = predict(replace(profile, interference=mid), replace(system, interference=None), n,
+                       bucket_mb=bucket_mb).step_s
+        low, high = (mid, high) if step < measured_s else (low, mid)
+    return (low + high) / 2

@@ -15,6 +15,7 @@ from distributed_step.planner import published
 from distributed_step.planner.calibration import Calibration, CalibrationError, Link, load
 from distributed_step.planner.collectives import TREE_BW_SHARE, Fabric, System, all_reduce_s, fit, ring_s, tree_s
 from distributed_step.planner.model_profile import structural_profile
+from distributed_step.planner.presets import GPU_INTERFERENCE
 from distributed_step.planner.step_model import (
     BUCKET_HOST_S,
     FIRST_BUCKET_BYTES,
@@ -185,6 +186,7 @@ def test_the_published_runs_within_five_points_where_the_model_holds():
     assert rows["Horovod VGG-16, 512 P100"]["model"] < rows["Horovod ResNet-101, 512 P100"]["model"] - 0.15
     buckets_row = rows["PyTorch DDP, ResNet-50, 16 V100: 1 MB against 25 MB buckets"]
     assert buckets_row["model"] < 0 and buckets_row["published"] < 0  # 1 MB buckets are slower
+    assert buckets_row["interference"] == pytest.approx(GPU_INTERFERENCE, abs=0.001)  # the presets' figure
     assert torch.device("meta")  # the profiles came from meta tensors: nothing was allocated
 
 
