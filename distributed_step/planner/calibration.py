@@ -1,7 +1,8 @@
 """The calibration file: what `distributed-step calibrate` measured, for `distributed-step plan`.
 
-JSON, one object: the model it was measured on (architecture, parameter count and a digest of
-the parameter shapes, so a file from another model is refused), the device and precision, one
+JSON, one object: the model it was measured on (architecture and parameter count, which `load`
+checks against the gradients and the model planned for; and a digest of the parameter shapes,
+which tells two layouts of one architecture apart), the device and precision, one
 device's step split into forward, backward and optimizer, DDP's own cost at one rank, the step's
 jitter, every gradient's bytes and the moment in backward when it was ready, the compression
 hook's cost, the interference measured with a real all-reduce beside backward, and the link:

@@ -17,6 +17,7 @@ Every rank measures; the group agrees on the slowest rank's figures, and rank 0 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distributed_step.config import OneLineErrorParser, TrainConfig, add_config_flags
+from distributed_step.config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags
 from distributed_step.data.datasets import synthetic_batch
 from distributed_step.model import build_model
 from distributed_step.optim import sgd
@@ -127,14 +128,13 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
                           jitter_s=statistics.pstdev(r["step"] for r in alone),
                           hook_s_per_gbyte=_cast_s_per_gbyte(sum(sizes), device))
         link = None
-        model = ddp.wrap(net, env, cfg, hook="none") if env.distributed else None
         if env.distributed:
             link = _link(env, device)
-            with_traffic = Stepper(model, net, cfg, device, batch).measure()
+            with_traffic = Stepper(ddp.wrap(net, env, cfg, hook="none"), net, cfg, device, batch).measure()
             slower = max(0.0, _median(with_traffic, "computed") - _median(alone, "computed"))
             _, _, overlapped, _ = timeline(buckets(profile, cfg.bucket_cap_mb), backward, env.world_size,
                                            link.system(), 1.0)
-            profile = _with(profile, interference=round(slower / overlapped, 4) if overlapped else 0.0)
+            profile = replace(profile, interference=round(slower / overlapped, 4) if overlapped else 0.0)
         profile = _agree(profile, env, device)
         shapes = [tuple(p.shape) for p in net.parameters()]
         result = Calibration("resnet18", sum(p.numel() for p in net.parameters()), shapes_digest(shapes),
@@ -145,10 +145,6 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
     return result if env.rank == 0 else None
 
 
-def _with(profile: Profile, **changes) -> Profile:
-    return replace(profile, **changes)
-
-
 def _agree(profile: Profile, env, device: torch.device) -> Profile:
     """Every figure as the slowest rank measured it (the step waits for that one)."""
     if not env.distributed:
@@ -156,7 +152,7 @@ def _agree(profile: Profile, env, device: torch.device) -> Profile:
     keys = ("forward_s", "backward_s", "optimizer_s", "jitter_s", "interference", "hook_s_per_gbyte")
     values = torch.tensor([getattr(profile, k) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return _with(profile, **dict(zip(keys, values.tolist())))
+    return replace(profile, **dict(zip(keys, values.tolist())))
 
 
 def main(argv: list[str]) -> int:
@@ -167,6 +163,9 @@ def main(argv: list[str]) -> int:
                               "precision", "channels_last", "bucket_cap_mb", "seed"))
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # before minutes of measuring
+        raise ConfigError(f"--out {out}: the folder {folder} does not exist or is not writable")
     cfg = TrainConfig(**args).validate()
     result = calibrate(cfg)
     if result is not None:

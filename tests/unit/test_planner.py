@@ -198,3 +198,10 @@ def test_plot_draws_a_plan(tmp_path):
     assert plot.main([str(out), "--out", str(tmp_path)]) == 0
     png = tmp_path / "plan-efficiency.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_refuses_an_unwritable_out_before_measuring(tmp_path):
+    from distributed_step.tools import calibrate
+
+    with pytest.raises(ConfigError, match=r"--out .*missing/cal.json: the folder .*missing does not exist"):
+        calibrate.main(["--out", str(tmp_path / "missing" / "cal.json")])
