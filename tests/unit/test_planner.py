@@ -205,3 +205,29 @@ def test_calibrate_refuses_an_unwritable_out_before_measuring(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--out .*missing/cal.json: the folder .*missing does not exist"):
         calibrate.main(["--out", str(tmp_path / "missing" / "cal.json")])
+
+
+def test_the_replay_hands_over_each_gradient_at_its_calibrated_moment():
+    """testing/replay.py (the validation's harness): backward releases the gradients in the
+    calibration's order, each no earlier than its ready time, and DDP sees them as parameters in
+    forward order (the reverse), as it buckets a real model's."""
+    import time
+
+    from testing.replay import Replay
+
+    sizes, ready, backward = (400, 800, 1200), (0.2, 0.5, 1.0), 0.3
+    model = Replay(sizes, ready, forward_s=0.0, backward_s=backward)
+    assert [p.numel() * 4 for p in model.parameters()] == list(reversed(sizes))
+    arrived = {}
+
+    def stamp(param) -> None:
+        arrived[param.numel() * 4] = time.perf_counter()
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(stamp)
+    out = model(torch.ones(1, requires_grad=True)).sum()
+    began = time.perf_counter()
+    out.backward()
+    times = [arrived[s] - began for s in sizes]
+    assert times == sorted(times)
+    for t, r in zip(times, ready):
+        assert r * backward - 0.005 <= t <= r * backward + 0.08, (times, ready)
