@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, replace
 
 from distributed_step.config import ConfigError, OneLineErrorParser
@@ -61,12 +62,15 @@ def plan(argv: list[str]) -> tuple[list[dict], str]:
     except CalibrationError as exc:
         raise ConfigError(str(exc)) from None
     counts = _ints(args.gpus, "--gpus")
-    if args.speedup <= 0:
-        raise ConfigError(f"--speedup {args.speedup}: must be above 0")
+    if not (math.isfinite(args.speedup) and args.speedup > 0):
+        raise ConfigError(f"--speedup {args.speedup}: must be a number above 0")
     profile = cal.profile.faster(args.speedup)
     if args.compute_ms:
-        times = [float(v) / 1e3 for v in args.compute_ms.split(",")] if args.compute_ms.count(",") == 2 else []
-        if len(times) != 3 or min(times) <= 0:
+        try:
+            times = [float(v) / 1e3 for v in args.compute_ms.split(",")]
+        except ValueError:
+            times = []
+        if len(times) != 3 or not all(math.isfinite(t) and t > 0 for t in times):
             raise ConfigError(f"--compute-ms {args.compute_ms}: expected forward,backward,optimizer in ms, all above 0")
         scale = sum(times) / profile.alone_s
         profile = replace(profile.faster(1 / scale), forward_s=times[0], backward_s=times[1], optimizer_s=times[2])

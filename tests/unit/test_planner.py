@@ -151,7 +151,10 @@ def test_plan_refuses_bad_input_naming_the_flag(tmp_path, capsys):
         (["--gpus", "eight"], "--gpus eight: expected whole numbers"),
         (["--arch", "vgg16"], "not vgg16"),
         (["--compute-ms", "1,2"], "--compute-ms 1,2: expected forward,backward,optimizer"),
-        (["--speedup", "0"], "--speedup 0.0: must be above 0"),
+        (["--compute-ms", "a,b,c"], "--compute-ms a,b,c: expected forward,backward,optimizer"),
+        (["--compute-ms", "nan,1,1"], "--compute-ms nan,1,1: expected forward,backward,optimizer"),
+        (["--speedup", "0"], "--speedup 0.0: must be a number above 0"),
+        (["--speedup", "nan"], "--speedup nan: must be a number above 0"),
     ]:
         with pytest.raises(ConfigError, match=message):
             plan.main(["--calibration", good, *argv])
