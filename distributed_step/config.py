@@ -78,7 +78,7 @@ class TrainConfig:
     timeout_s: float = _opt(300.0, "timeout of rendezvous and of every collective, in seconds")
     backend: str = _opt("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)", ("auto", "gloo", "nccl"))
     socket_ifname: str = _opt("", "network interface for gloo/nccl traffic (sets GLOO_/NCCL_SOCKET_IFNAME)")
-    bucket_cap_mb: float = _opt(10.0, "DDP gradient bucket size in MB (the first bucket is 1 MB)")
+    bucket_cap_mb: float = _opt(10.0, "DDP gradient bucket size in MB, the first bucket's too")
     static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search; "
                               "off with --grad-accum > 1)")
     bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")

@@ -23,7 +23,6 @@ from distributed_step.parallel.numerics import amp
 from distributed_step.parallel.process_group import time_all_reduce
 
 EXPOSED_SHARE_LIMIT = 0.05  # exact while the exposed comm is at most this share of the compute step
-FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket (the last layers' gradients) is 1 MiB
 REPEATS = 3
 
 
@@ -53,13 +52,15 @@ class LinkReport:
 
 
 def bucket_sizes(net: nn.Module, cap_mb: float) -> list[int]:
-    """Gradient bytes per DDP bucket, in the order they are sent (parameters in reverse)."""
-    sizes, current, cap = [], 0, FIRST_BUCKET_BYTES
+    """Gradient bytes per DDP bucket, in the order they are sent (parameters in reverse). DDP
+    keeps its small 1 MiB first bucket only when it is given no bucket_cap_mb; wrap() always
+    gives one, so every bucket has that cap."""
+    sizes, current, cap = [], 0, int(cap_mb * 2**20)
     for param in reversed([p for p in net.parameters() if p.requires_grad]):
         current += param.numel() * param.element_size()
         if current >= cap:
             sizes.append(current)
-            current, cap = 0, int(cap_mb * 2**20)
+            current = 0
     return sizes + ([current] if current else [])
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from distributed_step.planner.collectives import Fabric, System
@@ -84,7 +84,8 @@ def load(path: str, arch: str | None = None) -> Calibration:
     _need(isinstance(record, dict) and record.get("format") == FORMAT, path,
           f"not a calibration file (expected \"format\": \"{FORMAT}\")")
     try:
-        profile = Profile(**{f.name: record["profile"][f.name] for f in fields(Profile)})
+        given = record["profile"]  # a field with a default may be missing (a file from before it)
+        profile = Profile(**{f.name: given[f.name] for f in fields(Profile) if f.name in given or f.default is MISSING})
         profile = Profile(**{**asdict(profile), "grad_bytes": tuple(profile.grad_bytes),
                              "grad_ready": tuple(profile.grad_ready)})
         link = record.get("link")

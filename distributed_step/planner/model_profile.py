@@ -16,7 +16,8 @@ from distributed_step.planner.step_model import Profile
 
 
 def layer_flops(model: nn.Module, image_size: int) -> list[tuple[nn.Module, float]]:
-    """(layer, forward FLOPs for one image) of every layer that holds parameters, in forward order."""
+    """(layer, forward FLOPs for one image) of every layer that holds parameters, in forward order.
+    Leaves `model` on the meta device."""
     found: list[tuple[nn.Module, float]] = []
 
     def record(module: nn.Module, inputs, output) -> None:

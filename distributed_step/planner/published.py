@@ -22,7 +22,7 @@ from torchvision import models
 from distributed_step.planner.collectives import System
 from distributed_step.planner.model_profile import layer_flops, structural_profile
 from distributed_step.planner.presets import SYSTEMS
-from distributed_step.planner.step_model import Profile, band, fit_interference, predict
+from distributed_step.planner.step_model import DDP_BUCKETING, Profile, band, fit_interference, predict
 
 PYTORCH_DDP = "pytorch/pytorch benchmarks/distributed/ddp/README.md (8 DGX-1V, PyTorch 1.4, p50)"
 DLE = "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5 README (DGX A100 80GB, 21.03)"
@@ -44,17 +44,18 @@ class Run:
     source: str
     ddp_overhead_s: float = 0.0  # the source's one-device DDP step minus its plain step, if published
     bucket_mb: float = 25.0
+    ddp: str = "given-cap"  # how the source's DDP bucketed: step_model's "given-cap", "default" or "pytorch-1.4"
 
 
 RUNS = (
     Run("PyTorch DDP, ResNet-50, 16 V100", "resnet50", "V100", 32, 0.097, "v100-ib100x4", 16, 0.097 / 0.104,
-        PYTORCH_DDP, ddp_overhead_s=0.003),
+        PYTORCH_DDP, ddp_overhead_s=0.003, ddp="pytorch-1.4"),
     Run("PyTorch DDP, ResNet-101, 16 V100", "resnet101", "V100", 32, 0.162, "v100-ib100x4", 16, 0.162 / 0.179,
-        PYTORCH_DDP, ddp_overhead_s=0.009),
+        PYTORCH_DDP, ddp_overhead_s=0.009, ddp="pytorch-1.4"),
     Run("DLE ResNet-50 TF32, 8 A100", "resnet50", "A100", 256, 256 / 938, "a100-ib200", 8, 7248 / 938 / 8, DLE,
-        ddp_overhead_s=0.003),
+        ddp_overhead_s=0.003, ddp="default"),
     Run("DLE ResNet-50 AMP, 8 A100", "resnet50", "A100", 256, 256 / 2470, "a100-ib200", 8, 16621 / 2470 / 8, DLE,
-        ddp_overhead_s=0.003),
+        ddp_overhead_s=0.003, ddp="default"),
     Run("Horovod ResNet-101, 512 P100", "resnet101", "P100", 64, None, "p100-pcie-25gbe", 512, 0.90, HOROVOD),
     Run("Horovod VGG-16, 512 P100", "vgg16", "P100", 64, 64 / 154, "p100-pcie-25gbe", 512, 0.68, HOROVOD),
 )
@@ -79,8 +80,9 @@ def _profile(run: Run) -> Profile:
     alone = run.alone_s if run.alone_s is not None else _interpolated_p100_step(run)
     optimizer = params * 20 / (MEMORY_GBYTE_S[run.device] * 1e9)
     compute = alone - optimizer
-    return structural_profile(run.arch, net, 224, run.batch, compute / 3, 2 * compute / 3, optimizer,
-                              layers=_flops(run.arch), ddp_overhead_s=run.ddp_overhead_s)
+    derived = structural_profile(run.arch, net, 224, run.batch, compute / 3, 2 * compute / 3, optimizer,
+                                 layers=_flops(run.arch), ddp_overhead_s=run.ddp_overhead_s)
+    return replace(derived, **DDP_BUCKETING[run.ddp])
 
 
 @cache

@@ -1,8 +1,9 @@
 """The data-parallel step at n ranks, from one device's profile and a system's fabrics.
 
-DDP puts gradients into buckets in the order backward produces them (the first bucket capped at
-1 MiB, the others at bucket_cap_mb) and all-reduces each bucket once its last gradient is in, on
-one communication stream: a bucket starts when it is ready and the one before it is through.
+DDP puts gradients into buckets of bucket_cap_mb in the order backward produces them (the first
+capped at 1 MiB when DDP is given no cap: DDP_BUCKETING) and all-reduces each bucket once its
+last gradient is in, on one communication stream: a bucket starts when it is ready and the one
+before it is through.
 Each bucket also costs backward a little host time (BUCKET_HOST_S). Backward runs beside that
 traffic and slows by `interference` seconds per second of backward with communication in flight
 (DDP's copies into the buckets, the collectives' kernels taking SMs or, with gloo, cores and
@@ -23,7 +24,17 @@ from dataclasses import dataclass, replace
 
 from distributed_step.planner.collectives import System, all_reduce_s
 
-FIRST_BUCKET_BYTES = 1 << 20
+# DDP caps its first bucket (the first gradients backward produces) at 1 MiB only when it is given
+# no bucket_cap_mb; given one, as this project always gives it, the first bucket has that cap too
+# (Profile.first_bucket_bytes = 0). PyTorch before 1.6 capped a bucket at 1 MiB whatever the cap,
+# but assigned buckets in the order the layers are defined and never rebuilt them, so its small
+# bucket held the first layers' gradients and went last (Profile.small_bucket_last).
+DEFAULT_FIRST_BUCKET_BYTES = 1 << 20
+DDP_BUCKETING = {
+    "given-cap": {"first_bucket_bytes": 0, "small_bucket_last": False},  # DDP(bucket_cap_mb=...)
+    "default": {"first_bucket_bytes": DEFAULT_FIRST_BUCKET_BYTES, "small_bucket_last": False},  # DDP(net)
+    "pytorch-1.4": {"first_bucket_bytes": DEFAULT_FIRST_BUCKET_BYTES, "small_bucket_last": True},
+}
 # What each bucket costs backward itself, on the host: DDP's bookkeeping when the bucket fills
 # and the collective's launch, both on the thread that runs backward (NCCL's own base latency,
 # 8.4 us in its tuning tables, plus DDP's share; the collective's time on the wire is apart).
@@ -52,6 +63,8 @@ class Profile:
     jitter_s: float = 0.0  # standard deviation of one rank's step time
     interference: float = 0.0  # backward's slowdown per second of it with traffic in flight
     hook_s_per_gbyte: float = 0.0  # a compression hook's casts, per GB of fp32 gradient
+    first_bucket_bytes: int = 0  # DDP's cap on its first bucket; 0: the cap of the others
+    small_bucket_last: bool = False  # PyTorch < 1.6: no rebuild, the small bucket holds the first layers
 
     @property
     def alone_s(self) -> float:
@@ -81,15 +94,22 @@ class Prediction:
 
 def buckets(profile: Profile, cap_mb: float) -> list[tuple[int, float]]:
     """(bytes, ready fraction) per bucket, in the order they are sent."""
-    found, size, cap = [], 0, FIRST_BUCKET_BYTES
-    for nbytes, ready in zip(profile.grad_bytes, profile.grad_ready):
-        size += nbytes
-        if size >= cap:
+    cap = int(cap_mb * 2**20)
+    grads = list(zip(profile.grad_bytes, profile.grad_ready))
+    if profile.small_bucket_last:  # assigned in the layers' order, sent in backward's
+        return _fill(grads[::-1], profile.first_bucket_bytes or cap, cap)[::-1]
+    return _fill(grads, profile.first_bucket_bytes or cap, cap)
+
+
+def _fill(grads: list[tuple[int, float]], first: int, cap: int) -> list[tuple[int, float]]:
+    """DDP's assignment: a bucket closes on the gradient that takes it to its cap."""
+    found, size, ready, limit = [], 0, 0.0, first
+    for nbytes, at in grads:
+        size, ready = size + nbytes, max(ready, at)
+        if size >= limit:
             found.append((size, ready))
-            size, cap = 0, int(cap_mb * 2**20)
-    if size:
-        found.append((size, profile.grad_ready[-1]))
-    return found
+            size, ready, limit = 0, 0.0, cap
+    return found + ([(size, ready)] if size else [])
 
 
 def timeline(sent: list[tuple[int, float]], backward_s: float, n: int, system: System,
