@@ -7,8 +7,11 @@ For each rate: `calibrate` on two hosts (one rank each; testing/netlab.py, links
 tbf) measures the step and fits the link; then the step is replayed on 2, 4 and 8 hosts
 (testing/replay.py: ranks sleep the calibrated compute while real DDP all-reduces real
 buckets over the shaped links), and the replay's median step is set against the plan's. The
-replay's backward still shares the CPU with DDP's bucket copies and gloo's threads, so its
-interference is fitted on the two hosts (the replayed step there), and used for four and eight.
+replay has costs of its own that no plan of a real step should carry (its sleeping autograd
+nodes, the barrier before each step), so one per-step constant is fitted on the two hosts (the
+replayed step there) and kept for four and eight; the plan without it is printed too. On four
+and eight hosts the all-reduce alone is measured as well, and the same plan made on the link
+fitted there: what is left of the error then is the step model's, not the link model's.
 At 1 Gbit/s and four hosts, each hook and bucket size is also replayed, to see whether the plan's
 choice is within 5% of the best measured.
 """
@@ -24,11 +27,12 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed_step.planner.calibration import load
-from distributed_step.planner.step_model import best, fit_interference, predict
+from distributed_step.planner.calibration import Link, load
+from distributed_step.planner.collectives import System, all_reduce_s, fit
+from distributed_step.planner.step_model import best, predict
 from testing.netlab import Network
 
-CHOICES = [("none", 5.0), ("none", 25.0), ("none", 100.0), ("bf16", 25.0)]
+CHOICES = [(hook, mb) for hook in ("none", "bf16") for mb in (5.0, 25.0, 100.0)]
 
 
 def env() -> dict:
@@ -48,15 +52,29 @@ def calibrate(rate: str, folder: str, size: list[str]) -> str:
     return out
 
 
-def replay(rate: str, hosts: int, cal: str, hook: str = "none", bucket_mb: float = 25.0, steps: int = 10) -> float:
+def torchrun(rate: str, hosts: int, args: list[str]) -> str:
+    """Rank 0's last JSON line of `python -m testing.replay ARGS` on `hosts` emulated hosts."""
     with Network(hosts, rate=rate) as net:
-        procs = net.torchrun(1, ["-m", "testing.replay", "--calibration", cal, "--steps", str(steps),
-                                 "--hook", hook, "--bucket-cap-mb", str(bucket_mb)], run_id="replay", env=env())
+        procs = net.torchrun(1, ["-m", "testing.replay", *args], run_id="replay", env=env())
         outputs = net.wait(procs, timeout=600)
     if any(p.returncode for p in procs):
-        raise SystemExit(f"replay at {rate} on {hosts} hosts failed:\n{outputs[0][-2000:]}")
-    line = next(x for x in outputs[0].splitlines() if x.startswith('{"step_ms"'))
-    return json.loads(line)["step_ms"]
+        raise SystemExit(f"testing.replay {' '.join(args)} at {rate} on {hosts} hosts failed:\n{outputs[0][-2000:]}")
+    return json.loads([x for x in outputs[0].splitlines() if x.startswith("{")][-1])
+
+
+def replay(rate: str, hosts: int, cal: str, hook: str = "none", bucket_mb: float = 25.0, steps: int = 10) -> float:
+    return torchrun(rate, hosts, ["--calibration", cal, "--steps", str(steps), "--hook", hook,
+                                  "--bucket-cap-mb", str(bucket_mb)])["step_ms"]
+
+
+def link_at(rate: str, hosts: int, cal: str, planned: System) -> System:
+    """The all-reduce alone on `hosts` hosts, each size against the plan; the link fitted there."""
+    measured = torchrun(rate, hosts, ["--calibration", cal, "--link-only"])["all_reduce_s"]
+    samples = tuple((int(size), t) for size, t in measured.items())
+    errors = "  ".join(f"{size >> 20} MiB {100 * (all_reduce_s(size, hosts, planned)[0] / t - 1):+.1f}%"
+                       for size, t in samples)
+    print(f"{rate:>9} {hosts} hosts, the all-reduce alone, planned against measured: {errors}", flush=True)
+    return Link(hosts, 1, "gloo", samples, *fit(samples, hosts)).system()
 
 
 def main() -> int:
@@ -68,31 +86,39 @@ def main() -> int:
     args = parser.parse_args()
     size = ["--global-batch-size", str(2 * args.batch_per_rank), "--image-size", args.image_size]
     folder = tempfile.mkdtemp(prefix="plan-validation-")
-    rows, errors = [], []
+    errors, model_errors = [], []
     for rate in args.rates.split(","):
         cal_path = calibrate(rate, folder, size)
         cal = load(cal_path)
         system = cal.link.system()
-        # Fitted on the two hosts: the replay's own interference (DDP's copies and gloo's threads
-        # beside the sleeping backward; jitter is left out, the replay has none to speak of).
+        # What the replay runs is the network and DDP: the calibration's interference (real compute
+        # beside real traffic) and jitter have no place in it.
+        bare = replace(cal.profile, jitter_s=0.0, interference=0.0)
         fitted_ms = replay(rate, cal.link.ranks, cal_path)
-        kappa = fit_interference(replace(cal.profile, jitter_s=0.0), system, cal.link.ranks, fitted_ms / 1e3)
-        profile = replace(cal.profile, interference=kappa, jitter_s=0.0)
-        print(f"{rate:>9} replay's interference fitted on {cal.link.ranks} hosts: {kappa:.3f}", flush=True)
+        constant = fitted_ms / 1e3 - predict(bare, system, cal.link.ranks).step_s
+        profile = replace(bare, ddp_overhead_s=constant)
+        print(f"{rate:>9} the replay's own cost per step, fitted on {cal.link.ranks} hosts: {1e3 * constant:.1f} ms",
+              flush=True)
         for hosts in [int(h) for h in args.hosts.split(",")]:
             planned = 1e3 * predict(profile, system, hosts).step_s
+            unfitted = 1e3 * predict(bare, system, hosts).step_s
             measured = fitted_ms if hosts == cal.link.ranks else replay(rate, hosts, cal_path)
             error = planned / measured - 1
             fitted = hosts == cal.link.ranks
             if not fitted:
                 errors.append(abs(error))
-            rows.append((rate, hosts, planned, measured, error, fitted))
+                # The step model alone: the same plan on the link measured at this host count.
+                given_link = 1e3 * predict(profile, link_at(rate, hosts, cal_path, system), hosts).step_s
+                model_errors.append(abs(given_link / measured - 1))
             print(f"{rate:>9} {hosts} hosts: planned {planned:7.1f} ms, replayed {measured:7.1f} ms, "
-                  f"error {100 * error:+5.1f}%{'  (the fitted count)' if fitted else ''}", flush=True)
+                  f"error {100 * error:+5.1f}%{'  (the fitted count)' if fitted else ''}; "
+                  f"without the constant {unfitted:7.1f} ms ({100 * (unfitted / measured - 1):+5.1f}%)"
+                  + ("" if fitted else f"; on the link measured there {given_link:7.1f} ms "
+                     f"({100 * (given_link / measured - 1):+5.1f}%)"), flush=True)
         print(f"{rate:>9} link fitted: {cal.link.bus_gbyte_s:.4f} GB/s bus, {cal.link.fixed_us:.0f} us fixed; "
               f"step alone {1e3 * cal.profile.alone_s:.1f} ms", flush=True)
         if rate == args.rates.split(",")[0] and 4 in [int(h) for h in args.hosts.split(",")]:
-            chosen = best(profile, system, 4, choices_mb=sorted({mb for _, mb in CHOICES}))
+            chosen = best(profile, system, 4, choices_mb=sorted({mb for _, mb in CHOICES}))  # among those replayed
             measured = {c: replay(rate, 4, cal_path, *c) for c in CHOICES}
             fastest = min(measured, key=measured.get)
             mine = measured.get((chosen.hook, chosen.bucket_mb))
@@ -104,7 +130,8 @@ def main() -> int:
                   f" against the fastest replayed ({fastest[0]}, {fastest[1]:g} MB: {measured[fastest]:.1f} ms)")
     if errors:
         print(f"held-out counts: median |error| {100 * statistics.median(errors):.1f}%, "
-              f"worst {100 * max(errors):.1f}% over {len(errors)}")
+              f"worst {100 * max(errors):.1f}% over {len(errors)}; on the link measured at each count: "
+              f"median {100 * statistics.median(model_errors):.1f}%, worst {100 * max(model_errors):.1f}%")
     return 0
 
 

@@ -39,7 +39,7 @@ class _Sleep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         time.sleep(ctx.backward_s)
-        return grad, torch.ones(ctx.shape), None
+        return grad, torch.empty(ctx.shape), None  # a fresh gradient, as backward makes (unfilled: no CPU)
 
 
 class Replay(nn.Module):
@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"all_reduce_s": dict(zip(map(str, sizes), times))}), flush=True)
         dist.destroy_process_group()
         return 0
+    # DDP as wrap() makes it by default, so the replay copies and buckets what training does
     model = DDP(Replay(profile.grad_bytes, profile.grad_ready, profile.forward_s, profile.backward_s),
-                bucket_cap_mb=args.bucket_cap_mb)
+                bucket_cap_mb=args.bucket_cap_mb, static_graph=True, gradient_as_bucket_view=True)
     register_comm_hook(model, args.hook)
     times = []
     for step in range(args.warmup + args.steps):
+        model.zero_grad(set_to_none=True)  # as step.py does
         dist.barrier()
         began = time.perf_counter()
         model(torch.ones(1, requires_grad=True)).sum().backward()  # returns once every bucket is reduced
