@@ -2,6 +2,7 @@
 and eight, at several link rates (docs/planning.md).
 
     sudo python benchmarks/plan_validation.py [--rates 1gbit,2500mbit,10gbit] [--hosts 2,4,8]
+    sudo python benchmarks/plan_validation.py --rates 1gbit --real 2,4     # real training instead
 
 For each rate: `calibrate` on two hosts (one rank each; testing/netlab.py, links shaped with tc
 tbf) measures the step and fits the link; then the step is replayed on 2, 4 and 8 hosts
@@ -42,14 +43,47 @@ def env() -> dict:
     return {**inherited, "OMP_NUM_THREADS": "1"}
 
 
-def calibrate(rate: str, folder: str, size: list[str]) -> str:
-    out = os.path.join(folder, f"cal-{rate}.json")
-    with Network(2, rate=rate) as net:
+def calibrate(rate: str, folder: str, size: list[str], hosts: int = 2) -> str:
+    out = os.path.join(folder, f"cal-{rate}-{hosts}.json")
+    with Network(hosts, rate=rate) as net:
         procs = net.torchrun(1, ["-m", "distributed_step", "calibrate", "--out", out, *size], run_id="cal", env=env())
         outputs = net.wait(procs, timeout=400)
     if any(p.returncode for p in procs):
         raise SystemExit(f"calibrate at {rate} failed:\n{outputs[0][-2000:]}")
     return out
+
+
+def train(rate: str, hosts: int, folder: str, size: list[str], steps: int = 14) -> float:
+    """A real training run's median step (ms), past its first three."""
+    out = os.path.join(folder, f"run-{rate}-{hosts}")
+    flags = ["--data", "synthetic", "--synthetic-samples", "640", "--steps", str(steps), "--log-every", "1",
+             "--warmup-steps", "0", "--checkpoint-every", "0", "--eval-every", "0", "--out", out]
+    with Network(hosts, rate=rate) as net:
+        procs = net.torchrun(1, ["-m", "distributed_step", "train", *size, *flags], run_id="train", env=env())
+        outputs = net.wait(procs, timeout=600)
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"train at {rate} on {hosts} hosts failed:\n{outputs[0][-2000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as lines:
+        records = [json.loads(line) for line in lines if line.strip()]
+    return statistics.median(r["step_ms"] for r in records if "step_ms" in r and r["step"] > 2)
+
+
+def real_training(rate: str, counts: list[int], folder: str, batch_per_rank: int, image_size: str) -> None:
+    """The plan against real training on each count, from a calibration on that count (compute
+    measured with as many ranks sharing the cores as the run has), and past the first count also
+    on the first count's link."""
+    links = {}
+    for hosts in counts:
+        size = ["--global-batch-size", str(hosts * batch_per_rank), "--image-size", image_size]
+        cal = load(calibrate(rate, folder, size, hosts))
+        links[hosts] = cal.link.system()
+        measured = train(rate, hosts, folder, size)
+        line = f"{rate:>9} {hosts} hosts, real training: {measured:7.1f} ms"
+        for source in sorted({counts[0], hosts}):
+            planned = 1e3 * predict(cal.profile, links[source], hosts).step_s
+            error = 100 * (planned / measured - 1)
+            line += f"; planned on the link of {source} hosts {planned:7.1f} ms ({error:+5.1f}%)"
+        print(line, flush=True)
 
 
 def torchrun(rate: str, hosts: int, args: list[str]) -> str:
@@ -83,7 +117,13 @@ def main() -> int:
     parser.add_argument("--hosts", default="2,4,8")
     parser.add_argument("--image-size", default="32")
     parser.add_argument("--batch-per-rank", type=int, default=16)
+    parser.add_argument("--real", metavar="HOSTS", help="instead of the replay: real training on these host "
+                        "counts (like 2,4), at the first rate")
     args = parser.parse_args()
+    if args.real:
+        real_training(args.rates.split(",")[0], [int(h) for h in args.real.split(",")], tempfile.mkdtemp(
+            prefix="plan-validation-"), args.batch_per_rank, args.image_size)
+        return 0
     size = ["--global-batch-size", str(2 * args.batch_per_rank), "--image-size", args.image_size]
     folder = tempfile.mkdtemp(prefix="plan-validation-")
     errors, model_errors = [], []

@@ -17,6 +17,7 @@ Every rank measures; the group agrees on the slowest rank's figures, and rank 0 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -53,8 +54,9 @@ class Stepper:
         self.model, self.device, self.cfg = model, device, cfg
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.arrivals: dict[int, float] = {}
-        for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(lambda _, i=i: self.arrivals.__setitem__(i, time.perf_counter()))
+        stamp = self.arrivals.__setitem__
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: stamp(i, time.perf_counter()))
+                      for i, p in enumerate(self.params)]
         self.optimizer = sgd(net.parameters(), lr=0.01, momentum=cfg.momentum)
         self.images, self.labels = synthetic_batch(batch, cfg.image_size, 10, device, cfg.seed, cfg.channels_last)
         self.dtype, _ = amp(cfg.precision, device)
@@ -80,9 +82,15 @@ class Stepper:
                 "ready": [(self.arrivals[i] - forward_done) for i in order]}
 
     def measure(self) -> list[dict]:
-        for _ in range(WARMUP):
-            self.step()
-        return [self.step() for _ in range(STEPS)]
+        """Timed steps after warm-up; then the hooks go, so a second Stepper on the same net is
+        alone, and nothing on the net holds this Stepper (nor a DDP it wraps) past its use."""
+        try:
+            for _ in range(WARMUP):
+                self.step()
+            return [self.step() for _ in range(STEPS)]
+        finally:
+            for hook in self.hooks:
+                hook.remove()
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -141,6 +149,9 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
                              device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
                              cfg.precision, cfg.image_size, profile, link)
     finally:
+        # A DDP still alive when its group is destroyed can abort the process at exit ("terminate
+        # called without an active exception", after the file was written): collect it first.
+        gc.collect()
         teardown(env)
     return result if env.rank == 0 else None
 
