@@ -28,6 +28,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from distributed_step.config import TrainConfig
 from distributed_step.planner.calibration import Link, load
 from distributed_step.planner.collectives import System, all_reduce_s, fit
 from distributed_step.planner.step_model import best, predict
@@ -79,14 +80,14 @@ def real_training(rate: str, counts: list[int], folder: str, batch_per_rank: int
         links[hosts] = cal.link.system()
         measured = train(rate, hosts, folder, size)
         line = f"{rate:>9} {hosts} hosts, real training: {measured:7.1f} ms"
-        for source in sorted({counts[0], hosts}):
-            planned = 1e3 * predict(cal.profile, links[source], hosts).step_s
+        for source in sorted({counts[0], hosts}):  # at the bucket size calibrate and train ran with
+            planned = 1e3 * predict(cal.profile, links[source], hosts, bucket_mb=TrainConfig.bucket_cap_mb).step_s
             error = 100 * (planned / measured - 1)
             line += f"; planned on the link of {source} hosts {planned:7.1f} ms ({error:+5.1f}%)"
         print(line, flush=True)
 
 
-def torchrun(rate: str, hosts: int, args: list[str]) -> str:
+def torchrun(rate: str, hosts: int, args: list[str]) -> dict:
     """Rank 0's last JSON line of `python -m testing.replay ARGS` on `hosts` emulated hosts."""
     with Network(hosts, rate=rate) as net:
         procs = net.torchrun(1, ["-m", "testing.replay", *args], run_id="replay", env=env())
@@ -102,7 +103,8 @@ def replay(rate: str, hosts: int, cal: str, hook: str = "none", bucket_mb: float
 
 
 def link_at(rate: str, hosts: int, cal: str, planned: System) -> System:
-    """The all-reduce alone on `hosts` hosts, each size against the plan; the link fitted there."""
+    """The all-reduce alone on `hosts` hosts, each size against the plan; the link fitted there
+    (rank 0's times of 1 to 64 MiB, where calibrate takes the slowest rank's of 64 KiB to 64 MiB)."""
     measured = torchrun(rate, hosts, ["--calibration", cal, "--link-only"])["all_reduce_s"]
     samples = tuple((int(size), t) for size, t in measured.items())
     errors = "  ".join(f"{size >> 20} MiB {100 * (all_reduce_s(size, hosts, planned)[0] / t - 1):+.1f}%"
@@ -136,7 +138,7 @@ def main() -> int:
         bare = replace(cal.profile, jitter_s=0.0, interference=0.0)
         fitted_ms = replay(rate, cal.link.ranks, cal_path)
         constant = fitted_ms / 1e3 - predict(bare, system, cal.link.ranks).step_s
-        profile = replace(bare, ddp_overhead_s=constant)
+        profile = replace(bare, ddp_overhead_s=bare.ddp_overhead_s + constant)
         print(f"{rate:>9} the replay's own cost per step, fitted on {cal.link.ranks} hosts: {1e3 * constant:.1f} ms",
               flush=True)
         for hosts in [int(h) for h in args.hosts.split(",")]:

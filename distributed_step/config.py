@@ -81,7 +81,8 @@ class TrainConfig:
     bucket_cap_mb: float = _opt(10.0, "DDP gradient bucket size in MB, the first bucket's too")
     static_graph: bool = _opt(True, "tell DDP the graph is the same every step (skips its per-step search; "
                               "off with --grad-accum > 1)")
-    bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): no copies")
+    bucket_view: bool = _opt(True, "gradients live in DDP's buckets (gradient_as_bucket_view): "
+                                   "no copy back after the all-reduce")
     pin_cores: bool = _opt(True, "pin each rank's threads to its own share of the node's cores "
                            "(off when jobs share a node)")
     threads: int = _opt(0, "intra-op threads per rank (0: usable cores / ranks on this node, at most OMP_NUM_THREADS)")

@@ -28,6 +28,9 @@ PYTORCH_DDP = "pytorch/pytorch benchmarks/distributed/ddp/README.md (8 DGX-1V, P
 DLE = "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5 README (DGX A100 80GB, 21.03)"
 HOROVOD = "horovod/horovod README and docs/benchmarks.rst (128 servers x 4 P100, 25 Gb/s RoCE)"
 TF_P100 = "TensorFlow r1 performance benchmarks, DGX-1 P100, synthetic data, batch 64 (one-GPU step)"
+# Horovod fuses the gradients ready in each cycle into one all-reduce of at most its fusion
+# buffer: 64 MB by default until v0.21 (docs/tensor-fusion.rst), when these runs were made.
+HOROVOD_FUSION_MB = 64.0
 MEMORY_GBYTE_S = {"V100": 900.0, "A100": 2039.0, "P100": 732.0}
 
 
@@ -56,8 +59,10 @@ RUNS = (
         ddp_overhead_s=0.003, ddp="default"),
     Run("DLE ResNet-50 AMP, 8 A100", "resnet50", "A100", 256, 256 / 2470, "a100-ib200", 8, 16621 / 2470 / 8, DLE,
         ddp_overhead_s=0.003, ddp="default"),
-    Run("Horovod ResNet-101, 512 P100", "resnet101", "P100", 64, None, "p100-pcie-25gbe", 512, 0.90, HOROVOD),
-    Run("Horovod VGG-16, 512 P100", "vgg16", "P100", 64, 64 / 154, "p100-pcie-25gbe", 512, 0.68, HOROVOD),
+    Run("Horovod ResNet-101, 512 P100", "resnet101", "P100", 64, None, "p100-pcie-25gbe", 512, 0.90, HOROVOD,
+        bucket_mb=HOROVOD_FUSION_MB),
+    Run("Horovod VGG-16, 512 P100", "vgg16", "P100", 64, 64 / 154, "p100-pcie-25gbe", 512, 0.68, HOROVOD,
+        bucket_mb=HOROVOD_FUSION_MB),
 )
 # The interference fit: the PyTorch benchmark's ResNet-50 at 8 V100 in one node, 0.104 s.
 FIT_RUN, FIT_RANKS, FIT_STEP_S = RUNS[0], 8, 0.104

@@ -24,15 +24,16 @@ from dataclasses import dataclass, replace
 
 from distributed_step.planner.collectives import System, all_reduce_s
 
-# DDP caps its first bucket (the first gradients backward produces) at 1 MiB only when it is given
-# no bucket_cap_mb; given one, as this project always gives it, the first bucket has that cap too
-# (Profile.first_bucket_bytes = 0). PyTorch before 1.6 capped a bucket at 1 MiB whatever the cap,
-# but assigned buckets in the order the layers are defined and never rebuilt them, so its small
-# bucket held the first layers' gradients and went last (Profile.small_bucket_last).
+# Recent DDP (checked in torch 2.14) caps its first bucket (the first gradients backward produces)
+# at 1 MiB only when it is given no bucket_cap_mb, whose default is then 25 MB; given one, as this
+# project always gives it, the first bucket has that cap too (Profile.first_bucket_bytes = 0).
+# PyTorch 1.4 capped one bucket at 1 MiB whatever the cap, but assigned buckets in the order the
+# layers are defined and never rebuilt them, so that small bucket held the first layers'
+# gradients and went last (Profile.small_bucket_last).
 DEFAULT_FIRST_BUCKET_BYTES = 1 << 20
 DDP_BUCKETING = {
     "given-cap": {"first_bucket_bytes": 0, "small_bucket_last": False},  # DDP(bucket_cap_mb=...)
-    "default": {"first_bucket_bytes": DEFAULT_FIRST_BUCKET_BYTES, "small_bucket_last": False},  # DDP(net)
+    "default": {"first_bucket_bytes": DEFAULT_FIRST_BUCKET_BYTES, "small_bucket_last": False},  # DDP(net): 25 MB
     "pytorch-1.4": {"first_bucket_bytes": DEFAULT_FIRST_BUCKET_BYTES, "small_bucket_last": True},
 }
 # What each bucket costs backward itself, on the host: DDP's bookkeeping when the bucket fills

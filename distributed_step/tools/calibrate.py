@@ -82,8 +82,8 @@ class Stepper:
                 "ready": [(self.arrivals[i] - forward_done) for i in order]}
 
     def measure(self) -> list[dict]:
-        """Timed steps after warm-up; then the hooks go, so a second Stepper on the same net is
-        alone, and nothing on the net holds this Stepper (nor a DDP it wraps) past its use."""
+        """Timed steps after warm-up, once: then the hooks go, so a second Stepper on the same net
+        is alone, and nothing on the net holds this Stepper (nor a DDP it wraps) past its use."""
         try:
             for _ in range(WARMUP):
                 self.step()

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, replace
 
-from distributed_step.config import ConfigError, OneLineErrorParser
+from distributed_step.config import ConfigError, OneLineErrorParser, TrainConfig
 from distributed_step.planner import presets
 from distributed_step.planner.calibration import CalibrationError, load
 from distributed_step.planner.step_model import band, best
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the target device computes this many times faster than the calibration's")
     parser.add_argument("--compute-ms", default="", help="the target device's forward,backward,optimizer ms")
     parser.add_argument("--hook", default="none", choices=("none", "fp16", "bf16"), help="the hook to plan with")
-    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="the bucket size to plan with")
+    parser.add_argument("--bucket-cap-mb", type=float, default=TrainConfig.bucket_cap_mb,
+                        help="the bucket size to plan with (default: train's)")
     parser.add_argument("--json", default="", help="also write the plan here (for `distributed-step plot --plan`)")
     return parser
 

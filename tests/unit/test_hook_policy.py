@@ -26,7 +26,7 @@ def test_exposed_time_is_what_backward_cannot_hide():
 
 @pytest.mark.parametrize("bucket_ms, hook", [(2.0, "none"), (20.0, "none"), (40.0, "bf16"), (100.0, "bf16")])
 def test_the_choice_keeps_exact_unless_the_wire_shows(bucket_ms, hook):
-    sizes = [25 << 20, 20 << 20]  # about ResNet-18's buckets at 25 MB (27.5 and 15.1 MiB)
+    sizes = [25 << 20, 20 << 20]  # two buckets of ResNet-18's 45 MB (it has 27.5 and 15.1 MiB at 25 MB)
     report = hook_policy.choose(sizes, 2, max(sizes), bucket_ms, compute_ms=500.0, backward_ms=330.0)
     assert report.hook == hook
     assert (report.exposed_share <= hook_policy.EXPOSED_SHARE_LIMIT) == (hook == "none")
