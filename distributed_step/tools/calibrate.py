@@ -5,7 +5,8 @@
 
 On each rank, with the run's model, batch per rank and precision, on synthetic images:
 - one device's step without DDP, timed phase by phase (forward, backward, optimizer; medians),
-  its jitter (the standard deviation of the step), and the moment in backward at which each
+  its jitter (the standard deviation of the step; with several ranks, at least the ranks' spread
+  within a DDP step), and the moment in backward at which each
   gradient is ready (a post-accumulate hook on every parameter timestamps it);
 - the compression hook's casts (fp32 to bf16 and back) per GB of gradient;
 - with several ranks: all-reduces from 64 KiB to 64 MiB (the link, fitted to bus bandwidth and a
@@ -142,7 +143,8 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
             slower = max(0.0, _median(with_traffic, "computed") - _median(alone, "computed"))
             _, _, overlapped, _ = timeline(buckets(profile, cfg.bucket_cap_mb), backward, env.world_size,
                                            link.system(), 1.0)
-            profile = replace(profile, interference=round(slower / overlapped, 4) if overlapped else 0.0)
+            profile = replace(profile, interference=round(slower / overlapped, 4) if overlapped else 0.0,
+                              jitter_s=max(profile.jitter_s, _spread_across_ranks(with_traffic, device)))
         profile = _agree(profile, env, device)
         shapes = [tuple(p.shape) for p in net.parameters()]
         result = Calibration("resnet18", sum(p.numel() for p in net.parameters()), shapes_digest(shapes),
@@ -154,6 +156,16 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
         gc.collect()
         teardown(env)
     return result if env.rank == 0 else None
+
+
+def _spread_across_ranks(steps: list[dict], device: torch.device) -> float:
+    """The median over DDP's steps (which keep the ranks in step) of the ranks' standard deviation
+    of compute: ranks sharing cores take turns being slow, which one rank's own steps hide."""
+    mine = torch.tensor([r["forward"] + r["computed"] for r in steps], dtype=torch.float64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    per_step = torch.stack(everyone).std(dim=0, correction=0)
+    return float(per_step.median())
 
 
 def _agree(profile: Profile, env, device: torch.device) -> Profile:
