@@ -159,13 +159,17 @@ def calibrate(cfg: TrainConfig) -> Calibration | None:
 
 
 def _spread_across_ranks(steps: list[dict], device: torch.device) -> float:
-    """The median over DDP's steps (which keep the ranks in step) of the ranks' standard deviation
-    of compute: ranks sharing cores take turns being slow, which one rank's own steps hide."""
+    """Every rank's compute in each of DDP's steps (which keep the ranks in step), gathered."""
     mine = torch.tensor([r["forward"] + r["computed"] for r in steps], dtype=torch.float64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
-    per_step = torch.stack(everyone).std(dim=0, correction=0)
-    return float(per_step.median())
+    return cross_rank_spread(torch.stack(everyone))
+
+
+def cross_rank_spread(per_rank_step: torch.Tensor) -> float:
+    """The median over steps (columns) of the ranks' (rows') standard deviation: ranks sharing
+    cores take turns being slow, which one rank's own steps hide."""
+    return float(per_rank_step.std(dim=0, correction=0).median())
 
 
 def _agree(profile: Profile, env, device: torch.device) -> Profile:

@@ -237,6 +237,16 @@ def test_plot_draws_a_plan(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_straggler_spread_is_across_ranks_within_a_step():
+    """Ranks taking turns being slow: each rank's own steps vary as much as in step, but every step
+    has one slow rank, which only the spread across ranks sees."""
+    from distributed_step.tools.calibrate import cross_rank_spread
+    turns = torch.tensor([[0.3, 0.1, 0.1, 0.1], [0.1, 0.3, 0.1, 0.1], [0.1, 0.1, 0.3, 0.1], [0.1, 0.1, 0.1, 0.3]])
+    assert cross_rank_spread(turns) == pytest.approx(turns[:, 0].std(correction=0).item())  # 0.2 x sqrt(3) / 4
+    in_step = torch.tensor([[0.3, 0.1, 0.3, 0.1]] * 4)  # all slow together: no straggler
+    assert cross_rank_spread(in_step) == 0.0
+
+
 def test_calibrate_refuses_an_unwritable_out_before_measuring(tmp_path):
     from distributed_step.tools import calibrate
 
