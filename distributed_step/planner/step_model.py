@@ -61,7 +61,7 @@ class Profile:
     grad_bytes: tuple[int, ...]  # per parameter, in the order backward produces the gradients
     grad_ready: tuple[float, ...]  # when each is ready, as a fraction of backward (non-decreasing)
     ddp_overhead_s: float = 0.0  # DDP's own cost per step at one rank (hooks, bucket copies)
-    jitter_s: float = 0.0  # standard deviation of one rank's step time
+    jitter_s: float = 0.0  # standard deviation of a rank's step time (calibrate: at least across ranks)
     interference: float = 0.0  # backward's slowdown per second of it with traffic in flight
     hook_s_per_gbyte: float = 0.0  # a compression hook's casts, per GB of fp32 gradient
     first_bucket_bytes: int = 0  # DDP's cap on its first bucket; 0: the cap of the others

@@ -6,8 +6,8 @@
 On each rank, with the run's model, batch per rank and precision, on synthetic images:
 - one device's step without DDP, timed phase by phase (forward, backward, optimizer; medians),
   its jitter (the standard deviation of the step; with several ranks, at least the ranks' spread
-  within a DDP step), and the moment in backward at which each
-  gradient is ready (a post-accumulate hook on every parameter timestamps it);
+  within a DDP step), and the moment in backward at which each gradient is ready (a
+  post-accumulate hook on every parameter timestamps it);
 - the compression hook's casts (fp32 to bf16 and back) per GB of gradient;
 - with several ranks: all-reduces from 64 KiB to 64 MiB (the link, fitted to bus bandwidth and a
   fixed latency), and the same step under DDP, whose backward, slower than alone, gives the

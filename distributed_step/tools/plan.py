@@ -65,6 +65,8 @@ def plan(argv: list[str]) -> tuple[list[dict], str]:
     counts = _ints(args.gpus, "--gpus")
     if not (math.isfinite(args.speedup) and args.speedup > 0):
         raise ConfigError(f"--speedup {args.speedup}: must be a number above 0")
+    if not (math.isfinite(args.bucket_cap_mb) and args.bucket_cap_mb > 0):
+        raise ConfigError(f"--bucket-cap-mb {args.bucket_cap_mb}: must be a number of MB above 0")
     profile = cal.profile.faster(args.speedup)
     if args.compute_ms:
         try:

@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,11 @@ def test_a_calibration_reads_back_as_it_was_written(tmp_path):
     cal = load(calibration(tmp_path))
     assert cal.arch == "resnet18" and cal.link.system().name == "measured-gloo"
     assert cal.profile.grad_bytes == (8, 32) and cal.link.samples[0] == (1 << 20, 0.01)
+    # A file from before the bucket-rule fields still loads, with DDP given its cap (this project's)
+    older = json.loads(Path(calibration(tmp_path)).read_text())
+    del older["profile"]["first_bucket_bytes"], older["profile"]["small_bucket_last"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert load(str(tmp_path / "older.json")).profile.first_bucket_bytes == 0
 
 
 @pytest.mark.parametrize("changes, arch, message", [
@@ -191,6 +197,8 @@ def test_plan_refuses_bad_input_naming_the_flag(tmp_path, capsys):
         (["--compute-ms", "nan,1,1"], "--compute-ms nan,1,1: expected forward,backward,optimizer"),
         (["--speedup", "0"], "--speedup 0.0: must be a number above 0"),
         (["--speedup", "nan"], "--speedup nan: must be a number above 0"),
+        (["--bucket-cap-mb", "0"], "--bucket-cap-mb 0.0: must be a number of MB above 0"),
+        (["--bucket-cap-mb", "nan"], "--bucket-cap-mb nan: must be a number of MB above 0"),
     ]:
         with pytest.raises(ConfigError, match=message):
             plan.main(["--calibration", good, *argv])
