@@ -215,6 +215,9 @@ class Run:
             self._announce()
             return self._fit()
         finally:
+            # A failure leaves by os._exit (__main__), which would cut a background write of the
+            # last finished step short: wait for it on every way out.
+            self.writer.finish()
             self.survivor.close()
             self.watch.close()
             self.metrics.close()

@@ -2,6 +2,8 @@
 and both match checkpoint.REQUIRED_KEYS. In-process: one rank, no process group, 8 px images."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from distributed_step import checkpoint as ckpt
 from distributed_step.config import ConfigError, TrainConfig
 from distributed_step.data.datasets import build_datasets
 from distributed_step.model import build_model
+from distributed_step.outcome import TrainingError
 from distributed_step.parallel.process_group import detect, setup
 from distributed_step.rundir import RunLock
 from distributed_step.train import Run
@@ -91,3 +94,24 @@ def test_resume_applies_changed_rates_and_refuses_changed_data(tmp_path, monkeyp
     narrow = dict(state, model={**state["model"], "fc.weight": state["model"]["fc.weight"][:2]})
     with pytest.raises(ConfigError, match="has 10 classes, the checkpoint's model 2"):
         make_run(tmp_path / "d").load_state_dict(narrow)
+
+
+def test_a_failing_run_waits_for_the_background_write_of_its_last_finished_step(tmp_path, monkeypatch):
+    """A failure ends the process by os._exit, which does not wait for threads: fit() must, or
+    the last finished step is left as a temporary file (a race seen in CI)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    write = ckpt.save_checkpoint
+
+    def slow_write(*args, **kwargs):
+        time.sleep(2.0)  # longer than the steps up to the failure
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_write)
+    run = make_run(tmp_path / "nan", lr=1e12, steps=6, checkpoint_every=1, warmup_steps=0)
+    with pytest.raises(TrainingError, match="not finite"):
+        run.fit()
+    names = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert names and all(name.endswith(".pt") for name in names), names
+    state = torch.load(tmp_path / "nan" / "checkpoints" / names[-1], map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
