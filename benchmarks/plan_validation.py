@@ -13,6 +13,9 @@ nodes, the barrier before each step), so one per-step constant is fitted on the 
 replayed step there) and kept for four and eight; the plan without it is printed too. On four
 and eight hosts the all-reduce alone is measured as well, and the same plan made on the link
 fitted there: what is left of the error then is the step model's, not the link model's.
+The emulated hosts share this machine's cores, which move every packet of every link, so the
+testbed carries less than all its links at once; its capacity is measured once, on two hosts
+with links unshaped, and planned with (`System.fabric_gbyte_s`) beside the plan without it.
 At 1 Gbit/s and four hosts, each hook and bucket size is also replayed, to see whether the plan's
 choice is within 5% of the best measured.
 """
@@ -87,7 +90,17 @@ def real_training(rate: str, counts: list[int], folder: str, batch_per_rank: int
         print(line, flush=True)
 
 
-def torchrun(rate: str, hosts: int, args: list[str]) -> dict:
+def testbed_capacity(folder: str, cal: str, hosts: int = 2) -> float:
+    """GB/s that all emulated links carry together: the unshaped all-reduce's bytes sent by all
+    ranks (2(n-1) S), over its time (with t = 2(n-1)/n S / B, that is n B)."""
+    measured = torchrun(None, hosts, ["--calibration", cal, "--link-only"])["all_reduce_s"]
+    bus, _ = fit([(int(size), t) for size, t in measured.items()], hosts)
+    print(f"the testbed carries {hosts * bus:.2f} GB/s in all ({hosts} hosts, links unshaped: "
+          f"{bus:.2f} GB/s bus)", flush=True)
+    return hosts * bus
+
+
+def torchrun(rate: str | None, hosts: int, args: list[str]) -> dict:
     """Rank 0's last JSON line of `python -m testing.replay ARGS` on `hosts` emulated hosts."""
     with Network(hosts, rate=rate) as net:
         procs = net.torchrun(1, ["-m", "testing.replay", *args], run_id="replay", env=env())
@@ -102,14 +115,16 @@ def replay(rate: str, hosts: int, cal: str, hook: str = "none", bucket_mb: float
                                   "--bucket-cap-mb", str(bucket_mb)])["step_ms"]
 
 
-def link_at(rate: str, hosts: int, cal: str, planned: System) -> System:
-    """The all-reduce alone on `hosts` hosts, each size against the plan; the link fitted there
-    (rank 0's times of 1 to 64 MiB, where calibrate takes the slowest rank's of 64 KiB to 64 MiB)."""
+def link_at(rate: str, hosts: int, cal: str, planned: System, testbed: System) -> System:
+    """The all-reduce alone on `hosts` hosts, each size against the plan (without and with the
+    testbed's capacity); the link fitted there (rank 0's times of 1 to 64 MiB, where calibrate
+    takes the slowest rank's of 64 KiB to 64 MiB)."""
     measured = torchrun(rate, hosts, ["--calibration", cal, "--link-only"])["all_reduce_s"]
     samples = tuple((int(size), t) for size, t in measured.items())
-    errors = "  ".join(f"{size >> 20} MiB {100 * (all_reduce_s(size, hosts, planned)[0] / t - 1):+.1f}%"
-                       for size, t in samples)
-    print(f"{rate:>9} {hosts} hosts, the all-reduce alone, planned against measured: {errors}", flush=True)
+    for name, system in (("", planned), (", with the testbed's capacity", testbed)):
+        errors = "  ".join(f"{size >> 20} MiB {100 * (all_reduce_s(size, hosts, system)[0] / t - 1):+.1f}%"
+                           for size, t in samples)
+        print(f"{rate:>9} {hosts} hosts, the all-reduce alone, planned{name} against measured: {errors}", flush=True)
     return Link(hosts, 1, "gloo", samples, *fit(samples, hosts)).system()
 
 
@@ -128,32 +143,38 @@ def main() -> int:
         return 0
     size = ["--global-batch-size", str(2 * args.batch_per_rank), "--image-size", args.image_size]
     folder = tempfile.mkdtemp(prefix="plan-validation-")
-    errors, model_errors = [], []
+    errors, model_errors, testbed_errors = [], [], []
+    capacity = None
     for rate in args.rates.split(","):
         cal_path = calibrate(rate, folder, size)
         cal = load(cal_path)
+        capacity = capacity or testbed_capacity(folder, cal_path)
         system = cal.link.system()
+        testbed = replace(system, fabric_gbyte_s=capacity)
         # What the replay runs is the network and DDP: the calibration's interference (real compute
         # beside real traffic) and jitter have no place in it.
         bare = replace(cal.profile, jitter_s=0.0, interference=0.0)
         fitted_ms = replay(rate, cal.link.ranks, cal_path)
-        constant = fitted_ms / 1e3 - predict(bare, system, cal.link.ranks).step_s
+        constant = fitted_ms / 1e3 - predict(bare, testbed, cal.link.ranks).step_s
         profile = replace(bare, ddp_overhead_s=bare.ddp_overhead_s + constant)
         print(f"{rate:>9} the replay's own cost per step, fitted on {cal.link.ranks} hosts: {1e3 * constant:.1f} ms",
               flush=True)
         for hosts in [int(h) for h in args.hosts.split(",")]:
             planned = 1e3 * predict(profile, system, hosts).step_s
+            on_testbed = 1e3 * predict(profile, testbed, hosts).step_s
             unfitted = 1e3 * predict(bare, system, hosts).step_s
             measured = fitted_ms if hosts == cal.link.ranks else replay(rate, hosts, cal_path)
             error = planned / measured - 1
             fitted = hosts == cal.link.ranks
             if not fitted:
                 errors.append(abs(error))
+                testbed_errors.append(abs(on_testbed / measured - 1))
                 # The step model alone: the same plan on the link measured at this host count.
-                given_link = 1e3 * predict(profile, link_at(rate, hosts, cal_path, system), hosts).step_s
+                given_link = 1e3 * predict(profile, link_at(rate, hosts, cal_path, system, testbed), hosts).step_s
                 model_errors.append(abs(given_link / measured - 1))
             print(f"{rate:>9} {hosts} hosts: planned {planned:7.1f} ms, replayed {measured:7.1f} ms, "
                   f"error {100 * error:+5.1f}%{'  (the fitted count)' if fitted else ''}; "
+                  f"with the testbed's capacity {on_testbed:7.1f} ms ({100 * (on_testbed / measured - 1):+5.1f}%); "
                   f"without the constant {unfitted:7.1f} ms ({100 * (unfitted / measured - 1):+5.1f}%)"
                   + ("" if fitted else f"; on the link measured there {given_link:7.1f} ms "
                      f"({100 * (given_link / measured - 1):+5.1f}%)"), flush=True)
@@ -173,7 +194,9 @@ def main() -> int:
     if errors:
         print(f"held-out counts: median |error| {100 * statistics.median(errors):.1f}%, "
               f"worst {100 * max(errors):.1f}% over {len(errors)}; on the link measured at each count: "
-              f"median {100 * statistics.median(model_errors):.1f}%, worst {100 * max(model_errors):.1f}%")
+              f"median {100 * statistics.median(model_errors):.1f}%, worst {100 * max(model_errors):.1f}%; "
+              f"planned with the testbed's capacity: median {100 * statistics.median(testbed_errors):.1f}%, "
+              f"worst {100 * max(testbed_errors):.1f}%")
     return 0
 
 

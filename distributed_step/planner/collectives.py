@@ -13,6 +13,12 @@ rates its double binary tree below the ring for large messages). NCCL takes the 
 two for each size; gloo runs the ring. Across nodes every ring crosses the node boundary, so the
 bandwidth is the smaller of the intra-node fabric's and the node's network links together (NCCL
 runs one ring per NIC), and each step waits for the slower hop.
+
+A fabric may also carry less than every link at once: a switch oversubscribed at its uplinks,
+or hosts emulated on one machine, whose CPU moves every packet of every link. `fabric_gbyte_s`
+is what it carries in all; the n ranks of a ring send 2(n-1) S bytes together, so an all-reduce
+takes at least 2(n-1) S / fabric_gbyte_s, and the slower of that and the links sets its time.
+A non-blocking fat tree (every preset) has no such limit.
 """
 from __future__ import annotations
 
@@ -46,13 +52,15 @@ class System:
     # Backward's slowdown per second of traffic beside it on this kind of system (None: the
     # calibration's own figure, for the system it was measured on).
     interference: float | None = None
+    fabric_gbyte_s: float = math.inf  # all ranks' traffic at once (above); inf: non-blocking
 
     def scaled(self, bandwidth: float = 1.0, latency: float = 1.0) -> System:
         """The same system with every bandwidth and latency multiplied (the uncertainty band)."""
         def one(f: Fabric | None) -> Fabric | None:
             return f and Fabric(f.name, f.bus_gbyte_s * bandwidth, f.alpha_us * latency, f.call_us * latency, f.source)
         return System(self.name, self.per_node, one(self.intra), one(self.inter), self.backend,
-                      self.reduce_gbyte_s * bandwidth, self.source, self.interference)
+                      self.reduce_gbyte_s * bandwidth, self.source, self.interference,
+                      self.fabric_gbyte_s * bandwidth)
 
 
 def ring_s(nbytes: float, n: int, fabric: Fabric, reduce_gbyte_s: float = math.inf) -> float:
@@ -70,6 +78,11 @@ def tree_s(nbytes: float, n: int, fabric: Fabric) -> float:
     return (fabric.call_us + 2 * math.ceil(math.log2(n)) * fabric.alpha_us) * 1e-6 + wire
 
 
+def fabric_bound_s(nbytes: float, n: int, fabric_gbyte_s: float) -> float:
+    """The least time the whole fabric needs for the 2(n-1) S bytes an all-reduce sends in all."""
+    return 2 * (n - 1) * nbytes / (fabric_gbyte_s * 1e9) if n > 1 else 0.0
+
+
 def effective(system: System, n: int) -> Fabric:
     """The one fabric an n-rank collective sees: the intra-node one inside a node; across nodes
     the slower bandwidth and the slower step of the two."""
@@ -85,10 +98,11 @@ def all_reduce_s(nbytes: float, n: int, system: System) -> tuple[float, str]:
     if n > system.per_node and system.inter is None:
         raise ValueError(f"{system.name}: {n} ranks do not fit one node of {system.per_node}")
     fabric = effective(system, n)
-    ring = ring_s(nbytes, n, fabric, system.reduce_gbyte_s)
+    bound = fabric_bound_s(nbytes, n, system.fabric_gbyte_s) + fabric.call_us * 1e-6
+    ring = max(ring_s(nbytes, n, fabric, system.reduce_gbyte_s), bound)
     if system.backend == "gloo":
         return ring, "ring"
-    tree = tree_s(nbytes, n, fabric)
+    tree = max(tree_s(nbytes, n, fabric), bound)
     return (ring, "ring") if ring <= tree else (tree, "tree")
 
 

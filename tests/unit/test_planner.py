@@ -54,6 +54,16 @@ def test_across_nodes_the_slower_fabric_sets_bandwidth_and_step_latency():
         all_reduce_s(1e8, 16, System("one", 8, fast))
 
 
+def test_a_fabric_that_carries_less_than_every_link_at_once_bounds_the_all_reduce():
+    """The ring sends 2(n-1) S bytes in all: through a fabric of 30 GB/s, 1 GB on 4 ranks takes
+    at least 6 GB / 30 GB/s = 0.2 s, above the links' 0.15 s; on 2 ranks (2 GB) the links decide."""
+    shared = System("shared", 1, FAB, FAB, backend="gloo", fabric_gbyte_s=30.0)
+    assert all_reduce_s(1e9, 4, shared)[0] == pytest.approx(10e-6 + 6e9 / 30e9)
+    assert all_reduce_s(1e9, 2, shared)[0] == pytest.approx(ring_s(1e9, 2, FAB))
+    assert all_reduce_s(1e9, 4, System("free", 1, FAB, FAB, backend="gloo"))[0] == pytest.approx(ring_s(1e9, 4, FAB))
+    assert shared.scaled(bandwidth=0.5).fabric_gbyte_s == 15.0
+
+
 def test_the_fit_recovers_bandwidth_and_latency():
     samples = [(s, 300e-6 + 2 * 3 / 4 * s / 2.5e9) for s in (1 << 16, 1 << 20, 1 << 24, 1 << 26)]
     bus, fixed = fit(samples, 4)
