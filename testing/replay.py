@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    parser.add_argument("--ddp-default-buckets", action="store_true",
+                        help="give DDP no bucket_cap_mb: its default, 25 MB and a 1 MiB first bucket")
     parser.add_argument("--hook", default="none", choices=("none", "fp16", "bf16"))
     parser.add_argument("--link-only", action="store_true", help="time all-reduces of 1, 4, 16, 64 MiB instead")
     args = parser.parse_args(argv)
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
         return 0
     # DDP as wrap() makes it by default, so the replay copies and buckets what training does
+    cap_mb = None if args.ddp_default_buckets else args.bucket_cap_mb
     model = DDP(Replay(profile.grad_bytes, profile.grad_ready, profile.forward_s, profile.backward_s),
-                bucket_cap_mb=args.bucket_cap_mb, static_graph=True, gradient_as_bucket_view=True)
+                bucket_cap_mb=cap_mb, static_graph=True, gradient_as_bucket_view=True)
     register_comm_hook(model, args.hook)
     times = []
     for step in range(args.warmup + args.steps):
