@@ -23,7 +23,7 @@ A non-blocking fat tree (every preset) has no such limit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The tree's bandwidth as a share of the ring's for large messages (NCCL tuning.cc rates trees
 # lower: each rank sends up and down the tree, split over two trees).
@@ -57,10 +57,12 @@ class System:
     def scaled(self, bandwidth: float = 1.0, latency: float = 1.0) -> System:
         """The same system with every bandwidth and latency multiplied (the uncertainty band)."""
         def one(f: Fabric | None) -> Fabric | None:
-            return f and Fabric(f.name, f.bus_gbyte_s * bandwidth, f.alpha_us * latency, f.call_us * latency, f.source)
-        return System(self.name, self.per_node, one(self.intra), one(self.inter), self.backend,
-                      self.reduce_gbyte_s * bandwidth, self.source, self.interference,
-                      self.fabric_gbyte_s * bandwidth)
+            return f and replace(f, bus_gbyte_s=f.bus_gbyte_s * bandwidth, alpha_us=f.alpha_us * latency,
+                                 call_us=f.call_us * latency)
+        # replace(), so that a field added later is carried over rather than reset to its default
+        return replace(self, intra=one(self.intra), inter=one(self.inter),
+                       reduce_gbyte_s=self.reduce_gbyte_s * bandwidth,
+                       fabric_gbyte_s=self.fabric_gbyte_s * bandwidth)
 
 
 def ring_s(nbytes: float, n: int, fabric: Fabric, reduce_gbyte_s: float = math.inf) -> float:
