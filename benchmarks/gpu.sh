@@ -27,7 +27,7 @@ note() { echo "$*" | tee -a "$out/summary.txt"; }
 if [ "${1:-}" = "--cpu-smoke" ]; then
   gpus=1 size=(--image-size 32) batch=2 steps=(--steps 1 --rounds 1 --warmup 1) train_steps=8
   export DS_GPU_TESTS_ON_CPU=1  # the GPU tests' own code, on CPU tensors (the quick ones)
-  tests=(-k "sharing or deterministic")
+  tests=(-k "sharing or deterministic or device_reaches")
 else
   gpus=$($py -c "import torch; print(torch.cuda.device_count())")
   [ "$gpus" -ge 1 ] || { note "no CUDA device visible: nothing to measure"; exit 1; }

@@ -8,6 +8,22 @@ import torch
 from torch import nn
 
 
+def mark(cuda: bool):
+    """Now, as the device sees it: on CUDA an event recorded on the current stream (read after a
+    synchronize), which the device reaches when the work queued before it is done; on CPU, where
+    the host runs the work itself, the host's clock."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(begin, end, cuda: bool) -> float:
+    """Between two marks (on CUDA, once the device has passed both)."""
+    return begin.elapsed_time(end) / 1e3 if cuda else end - begin
+
+
 class PhaseClock:
     """Accumulates time per phase without synchronizing the step.
 
@@ -43,11 +59,7 @@ class PhaseClock:
         self._grads_ready.record()  # re-recording keeps the latest point in the stream
 
     def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        return mark(self.cuda)
 
     def start(self) -> None:
         self._last = self._now()
@@ -79,7 +91,7 @@ class PhaseClock:
         if self._pending:
             torch.cuda.synchronize()
             for phase, begin, end in self._pending:
-                self.totals[phase] = self.totals.get(phase, 0.0) + begin.elapsed_time(end) / 1e3
+                self.totals[phase] = self.totals.get(phase, 0.0) + seconds_between(begin, end, True)
             self._pending.clear()
         out = {phase: seconds * 1e3 for phase, seconds in self.totals.items()}
         self.totals = {}

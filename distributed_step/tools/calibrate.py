@@ -31,6 +31,7 @@ from torch import nn
 from distributed_step.config import ConfigError, OneLineErrorParser, TrainConfig, add_config_flags
 from distributed_step.data.datasets import synthetic_batch
 from distributed_step.model import build_model
+from distributed_step.observe.clock import mark, seconds_between
 from distributed_step.optim import sgd
 from distributed_step.parallel import ddp, numerics
 from distributed_step.parallel.numerics import amp
@@ -48,16 +49,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ArrivalClock:
+    """When each gradient is ready, in seconds after backward began. On CUDA, the moment the
+    device gets there: the host queues backward's kernels ahead of the device, and its own clock
+    would say when they were queued (observe.clock.mark)."""
+
+    def __init__(self, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.origin, self.marks = None, {}
+
+    def start(self) -> None:
+        self.marks = {}
+        self.origin = mark(self.on_cuda)
+
+    def stamp(self, index: int) -> None:
+        self.marks[index] = mark(self.on_cuda)
+
+    def seconds(self) -> dict[int, float]:
+        """After the device is synchronized: each stamp's time since `start`."""
+        return {i: seconds_between(self.origin, m, self.on_cuda) for i, m in self.marks.items()}
+
+
 class Stepper:
     """Times steps of `model` phase by phase, and when each parameter's gradient arrives."""
 
     def __init__(self, model: nn.Module, net: nn.Module, cfg: TrainConfig, device: torch.device, batch: int):
         self.model, self.device, self.cfg = model, device, cfg
         self.params = [p for p in net.parameters() if p.requires_grad]
-        self.arrivals: dict[int, float] = {}
-        stamp = self.arrivals.__setitem__
-        self.hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: stamp(i, time.perf_counter()))
-                      for i, p in enumerate(self.params)]
+        self.arrivals = ArrivalClock(device)
+        stamp = self.arrivals.stamp
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: stamp(i)) for i, p in enumerate(self.params)]
         self.optimizer = sgd(net.parameters(), lr=0.01, momentum=cfg.momentum)
         self.images, self.labels = synthetic_batch(batch, cfg.image_size, 10, device, cfg.seed, cfg.channels_last)
         self.dtype, _ = amp(cfg.precision, device)
@@ -68,19 +89,19 @@ class Stepper:
             loss = nn.functional.cross_entropy(self.model(self.images), self.labels)
         _sync(self.device)
         forward_done = time.perf_counter()
-        self.arrivals.clear()
+        self.arrivals.start()
         loss.backward()
-        _sync(self.device)  # the device's last gradient kernel; the hooks fire as the host queues them
+        _sync(self.device)
         backward_done = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
         done = time.perf_counter()
-        order = sorted(self.arrivals, key=self.arrivals.get)
+        arrivals = self.arrivals.seconds()
+        order = sorted(arrivals, key=arrivals.get)
         return {"forward": forward_done - began, "backward": backward_done - forward_done,
-                "computed": max(self.arrivals.values()) - forward_done, "optimizer": done - backward_done,
-                "step": done - began, "order": order,
-                "ready": [(self.arrivals[i] - forward_done) for i in order]}
+                "computed": max(arrivals.values()), "optimizer": done - backward_done,
+                "step": done - began, "order": order, "ready": [arrivals[i] for i in order]}
 
     def measure(self) -> list[dict]:
         """Timed steps after warm-up, once: then the hooks go, so a second Stepper on the same net

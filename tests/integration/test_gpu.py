@@ -2,6 +2,8 @@
 `bash benchmarks/gpu.sh` runs these first, then the benchmarks. Each test says what it needs."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -61,3 +63,21 @@ def test_channels_last_compile_bf16_trains(tmp_path):
                        "--checkpoint-every", "0", "--out", str(out)]), timeout=600)
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_calibrate_times_a_gradient_when_the_device_reaches_it():
+    """The host queues kernels and returns: a hook's own clock would say a gradient behind 50 ms
+    of device work was ready at once. calibrate's clock reads events on the stream instead (on CPU,
+    where the host runs the work itself, its clock)."""
+    from distributed_step.tools.calibrate import ArrivalClock
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = ArrivalClock(device)
+    clock.start()
+    if device.type == "cuda":
+        torch.cuda._sleep(100_000_000)  # queued, not waited for: about 50 ms at the H200's 1.98 GHz
+    else:
+        time.sleep(0.05)
+    clock.stamp(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert clock.seconds()[0] >= 0.03
