@@ -30,10 +30,12 @@ def layer_flops(model: nn.Module, image_size: int) -> list[tuple[nn.Module, floa
             found.append((module, float(2 * output[0].numel())))  # a norm: a few operations per element
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if list(m.parameters(recurse=False))]
-    try:
+    training = model.training
+    try:  # in eval mode: a norm in training refuses one image at 1x1 (a small image's last stage)
         with torch.no_grad():
-            model.to("meta")(torch.empty(1, 3, image_size, image_size, device="meta"))
+            model.to("meta").eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
     finally:
+        model.train(training)
         for hook in hooks:
             hook.remove()
     return found

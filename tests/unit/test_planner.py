@@ -157,6 +157,15 @@ def test_a_structural_profile_orders_gradients_by_backward_work():
     assert profile.grad_ready == pytest.approx((linear / (linear + conv),) * 2 + (1.0, 1.0))
 
 
+def test_a_small_image_profiles_a_training_model_and_leaves_it_training():
+    """At 32 px ResNet-18's last stage is 1x1: one image through a norm in training is refused."""
+    from distributed_step.model import build_model
+    net = build_model(10)
+    profile = structural_profile("resnet18", net, 32, 2, 0.1, 0.2, 0.01)
+    assert net.training and len(profile.grad_bytes) == len(list(net.parameters()))
+    assert profile.grad_ready[-1] == 1.0
+
+
 def calibration(tmp_path, **changes) -> str:
     net = nn.Linear(4, 2)
     profile = structural_profile("resnet18", net, 4, 8, 0.1, 0.2, 0.01)
