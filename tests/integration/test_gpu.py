@@ -67,17 +67,31 @@ def test_channels_last_compile_bf16_trains(tmp_path):
 
 def test_calibrate_times_a_gradient_when_the_device_reaches_it():
     """The host queues kernels and returns: a hook's own clock would say a gradient behind 50 ms
-    of device work was ready at once. calibrate's clock reads events on the stream instead (on CPU,
-    where the host runs the work itself, its clock)."""
+    of device work was ready at once. calibrate's clock reads events on the stream instead (on
+    CPU, where the host runs the work itself, its clock). The stamp comes from a gradient hook,
+    which runs in autograd's device thread, as in calibrate."""
     from distributed_step.tools.calibrate import ArrivalClock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    class SlowBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            if grad.is_cuda:
+                torch.cuda._sleep(100_000_000)  # queued, not waited for: about 50 ms at 1.98 GHz
+            else:
+                time.sleep(0.05)
+            return grad
+
+    weight = torch.ones(4, device=device, requires_grad=True)
     clock = ArrivalClock(device)
+    weight.register_post_accumulate_grad_hook(lambda _: clock.stamp(0))
+    loss = SlowBackward.apply(weight).sum()
     clock.start()
-    if device.type == "cuda":
-        torch.cuda._sleep(100_000_000)  # queued, not waited for: about 50 ms at the H200's 1.98 GHz
-    else:
-        time.sleep(0.05)
-    clock.stamp(0)
+    loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    assert clock.seconds()[0] >= 0.03
+    assert 0.03 <= clock.seconds()[0] < 0.5
