@@ -41,12 +41,21 @@ class Rank0Statistics:
         self.hook = model.register_forward_hook(after_forward)
 
     def detach(self) -> None:
-        """Remove the hook. It refers to the run (running_step), and the run to the model: left in
-        place, the run outlives train() until a garbage collection, and its loaders' workers with
-        it, which at exit would keep the process waiting for them."""
+        """Remove the hook, and let the last reductions finish before dropping them. The hook
+        refers to the run (running_step), and the run to the model: left in place, the run
+        outlives train() until a garbage collection, and its loaders' workers with it, which at
+        exit would keep the process waiting for them. A reduction still in gloo's worker thread
+        when the process ends holds its tensor there, and releasing a tensor that needs the
+        interpreter while the interpreter finalizes can abort the process (SIGABRT, "terminate
+        called without an active exception") after a run that completed."""
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
+        deadline = time.monotonic() + WAIT_S  # in flight for milliseconds, unless a peer is gone
+        for work, _ in self.sent.values():
+            while not work.is_completed() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.sent.clear()
 
     def send(self, step: int) -> None:
         if self.env.rank == 0:

@@ -259,6 +259,24 @@ def _rank0_statistics_on_rank() -> list:
     return seen
 
 
+class _SlowWork:
+    """An all-reduce that completes on its third look."""
+    def __init__(self):
+        self.looks = 0
+
+    def is_completed(self) -> bool:
+        self.looks += 1
+        return self.looks >= 3
+
+
+def test_detaching_waits_for_the_reductions_in_flight_then_drops_them():
+    statistics = Rank0Statistics(DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo", False), [])
+    works = [_SlowWork(), _SlowWork()]
+    statistics.sent = {4: (works[0], None), 5: (works[1], None)}
+    statistics.detach()
+    assert statistics.sent == {} and [w.looks for w in works] == [3, 3]
+
+
 def test_every_rank_gets_rank_0s_running_statistics_of_each_step_bit_for_bit(gloo_world):
     rank0, rank1 = gloo_world.run(_rank0_statistics_on_rank)
     for (zero_got, zero_own), (one_got, one_own) in zip(rank0, rank1):
